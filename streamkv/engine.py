@@ -1,0 +1,221 @@
+"""The engine core: lookup, retrieve, store, and the key-level calls adapters use.
+
+Adapters translate an engine's pages, blocks and caches into these calls; the
+core decides what is stored, where, and whether a hit is real. The API is
+synchronous (engines call it from their own threads) and hands I/O to the
+runtime's loop. Nothing here raises into an engine for a missing, slow or
+corrupt object: those are misses, logged and counted."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any, Sequence
+
+import numpy as np
+import structlog
+
+from streamkv.config import StreamKVConfig
+from streamkv.errors import ConfigError
+from streamkv.format import FormatError, decode_chunk, encode_chunk
+from streamkv.keys import Namespace, chunk_keys, external_key, prefix_hits
+from streamkv.layout import KVLayout
+from streamkv.logs import configure_logging
+from streamkv.pipeline.handle import RetrieveHandle
+from streamkv.pipeline.producer import LayerwiseProducer
+from streamkv.pipeline.saver import LayerSource, save_request
+from streamkv.pipeline.sink import HostKVSink, LayerSink
+from streamkv.runtime import Runtime
+from streamkv.store.base import Store
+from streamkv.store.limits import Limits
+from streamkv.store.tiers import build_tiers
+from streamkv.store.tiered import TieredStore
+
+log = structlog.get_logger(__name__)
+
+
+class StreamKVEngine:
+    """One model's view of the cache: its layout, its namespace, the tiers."""
+
+    def __init__(self, config: StreamKVConfig, layout: KVLayout, namespace: Namespace,
+                 tiers: Sequence[Store] | None = None) -> None:
+        if not isinstance(layout, KVLayout):
+            raise ConfigError("layout", layout, "expected a streamkv.layout.KVLayout")
+        if namespace.layout != layout:
+            raise ConfigError("namespace.layout", namespace.layout.describe(), f"differs from {layout.describe()}")
+        if layout.chunk_size != config.chunk_size:
+            raise ConfigError("chunk_size", layout.chunk_size, f"layout and config ({config.chunk_size}) disagree")
+        configure_logging(config.log_format, config.log_level, force=False)
+        self.config = config
+        self.layout = layout
+        self.namespace = namespace
+        self.limits = Limits(disk_io=config.disk_io_threads, s3_requests=config.s3_max_concurrency,
+                             codec=config.codec_threads)
+        built = list(tiers) if tiers is not None else build_tiers(config, self.limits)
+        self.runtime = Runtime()
+        self.store = TieredStore(built, write_policy=config.write_policy, promote=config.promote_on_hit,
+                                 background=self.runtime.background)
+        self.counters: dict[str, int] = {}
+        self._closed = False
+
+    # -- keys ----------------------------------------------------------------
+    def keys(self, tokens: Any) -> list[str]:
+        """Store keys of the full chunks of ``tokens`` (a partial tail has none)."""
+        return chunk_keys(tokens, self.layout.chunk_size, self.namespace)
+
+    def object_key(self, name: str) -> str:
+        """Store key for an object named by the engine's own hash (SGLang page hashes)."""
+        return external_key(self.namespace, name)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    # -- lookup ----------------------------------------------------------------
+    def lookup(self, tokens: Any) -> int:
+        """Tokens of the longest stored prefix made of full chunks."""
+        keys = self.keys(tokens)
+        hits = self.exists_prefix(keys)
+        self._count("lookups")
+        return hits * self.layout.chunk_size
+
+    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        if not keys:
+            return []
+        return self.runtime.call(self.store.exists_many, list(keys))
+
+    def exists_prefix(self, keys: Sequence[str]) -> int:
+        """Number of leading keys that some tier holds."""
+        return prefix_hits(self.exists_many(keys))
+
+    def where(self, keys: Sequence[str]) -> list[list[str]]:
+        """For each key, the tiers that hold it (for the control API)."""
+        return self.runtime.call(self.store.where, list(keys))
+
+    # -- retrieve --------------------------------------------------------------
+    def retrieve(self, tokens: Any, sink: LayerSink | None = None, max_tokens: int | None = None) -> RetrieveHandle:
+        """Start streaming the stored prefix of ``tokens``, layer by layer.
+
+        Returns at once; ``handle.hit_tokens`` blocks until the hit is known and
+        ``handle.wait(layer)`` until that layer is in ``sink`` (a ``HostKVSink``
+        by default, reachable as ``handle.sink``)."""
+        keys = self.keys(tokens)
+        if max_tokens is not None:
+            keys = keys[: max(0, max_tokens) // self.layout.chunk_size]
+        sink = sink if sink is not None else HostKVSink(self.layout)
+        handle = RetrieveHandle(self.layout.num_layers, self.layout.chunk_size, len(keys))
+        handle.sink = sink  # type: ignore[attr-defined]
+        producer = LayerwiseProducer(self.store, keys, self.layout, self.namespace, handle, sink,
+                                     self.limits, self.config.max_inflight_layers, self.counters)
+        handle._release = lambda layer: self.runtime.submit(producer.release, layer)
+        handle.future = self.runtime.submit(producer.run)
+        handle.future.add_done_callback(lambda f: self._after_retrieve(f, handle))
+        self._count("retrieves")
+        return handle
+
+    def _after_retrieve(self, future: Future[None], handle: RetrieveHandle) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self._count("retrieve_errors")
+            log.error("retrieve failed; treated as a miss", error=repr(future.exception()))
+            handle.cancel()
+
+    # -- store -----------------------------------------------------------------
+    def store_kv(self, tokens: Any, source: LayerSource) -> Future[int]:
+        """Store the full chunks of ``tokens`` from ``source`` without blocking the caller.
+
+        ``source(layer)`` returns that layer's planes (K, V as ``[T, H, D]``, or
+        the MLA latent ``[T, D]``) as host arrays; it runs on a worker thread.
+        The future resolves to the number of chunks written."""
+        keys = self.keys(tokens)
+        self._count("stores")
+        if not keys:
+            done: Future[int] = Future()
+            done.set_result(0)
+            return done
+        return self.runtime.submit(self._store_guarded, keys, source)
+
+    async def _store_guarded(self, keys: list[str], source: LayerSource) -> int:
+        try:
+            return await save_request(self.store, keys, source, self.layout, self.namespace, self.limits,
+                                      self.config.compression, self.counters)
+        except Exception as exc:  # never into the engine: a dropped store is a future miss
+            self._count("store_errors")
+            log.error("store failed; nothing stored", error=repr(exc))
+            return 0
+
+    # -- key-level objects (adapters with their own page hashes) ---------------
+    def write_chunks(self, items: Sequence[tuple[str, Any]], wait: bool = False) -> Future[int] | int:
+        """Encode and store whole chunk payloads (all layer sections, in layer order)."""
+        future = self.runtime.submit(self._write_chunks, list(items))
+        return future.result() if wait else future
+
+    async def _write_chunks(self, items: list[tuple[str, Any]]) -> int:
+        import anyio
+
+        def encode(payload: Any) -> bytearray:
+            raw = memoryview(payload).cast("B")
+            n = self.layout.section_bytes
+            if len(raw) != self.layout.chunk_bytes:
+                raise ValueError(f"payload of {len(raw)} bytes; layout says {self.layout.chunk_bytes}")
+            sections = [raw[i * n : (i + 1) * n] for i in range(self.layout.num_layers)]
+            return encode_chunk(self.namespace, self.layout, sections, compression=self.config.compression)
+
+        written = 0
+        for key, payload in items:
+            try:
+                obj = await anyio.to_thread.run_sync(encode, payload, limiter=self.limits.limiter("codec"))
+            except ValueError as exc:
+                self._count("store_rejected")
+                log.error("chunk payload rejected", key=key, error=str(exc))
+                continue
+            written += int(await self.store.put(key, obj))
+        self._count("stored_chunks", written)
+        return written
+
+    def read_chunks(self, keys: Sequence[str]) -> list[np.ndarray | None]:
+        """Whole verified chunk payloads (uint8), or None for a missing or corrupt one."""
+        return self.runtime.call(self._read_chunks, list(keys))
+
+    async def _read_chunks(self, keys: list[str]) -> list[np.ndarray | None]:
+        import anyio
+
+        objects = await self.store.get_many(keys)
+
+        def decode(obj: Any, key: str) -> np.ndarray | None:
+            try:
+                _, sections = decode_chunk(obj, self.namespace, self.layout)
+            except FormatError as exc:
+                self._count("retrieve_corrupt")
+                log.warning("chunk unusable; miss", key=key, error=type(exc).__name__, why=str(exc))
+                return None
+            return np.concatenate([np.frombuffer(s, dtype=np.uint8) for s in sections])
+
+        out: list[np.ndarray | None] = []
+        for key, obj in zip(keys, objects):
+            out.append(None if obj is None else await anyio.to_thread.run_sync(decode, obj, key))
+        return out
+
+    # -- control ---------------------------------------------------------------
+    def flush(self) -> None:
+        """Wait until background writes (lower tiers) have finished."""
+        self.runtime.call(self.store.flush)
+
+    def clear(self, namespace_only: bool = True) -> int:
+        return self.runtime.call(self.store.clear, self.namespace.id if namespace_only else None)
+
+    def stats(self) -> dict[str, Any]:
+        return {"engine": dict(self.counters), "store": self.store.stats()}
+
+    def close(self) -> None:
+        """Finish background writes and stop the loop; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.runtime.call(self.store.aclose)
+        finally:
+            self.runtime.close()
+
+    def __enter__(self) -> StreamKVEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,113 @@
+"""The producer of a layer-wise retrieve, running on the runtime's loop.
+
+First it reads and verifies every chunk's header (one small ranged read per
+chunk, concurrently): the hit is the run of chunks with valid headers. Then it
+fetches layer by layer, each layer's sections from all chunks concurrently, at
+most ``max_inflight`` layers ahead of the consumer (backpressure: a layer's
+slot frees when the consumer has waited for it). Checksums are verified and
+sections copied into the sink on worker threads. A missing or corrupt section
+cuts the valid prefix at its chunk; it is logged and counted, never raised."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import anyio
+import structlog
+
+from streamkv.format import FormatError, decode_section, header_size, parse_header, ChunkHeader
+from streamkv.keys import Namespace
+from streamkv.layout import KVLayout
+from streamkv.pipeline.handle import RetrieveHandle
+from streamkv.pipeline.sink import LayerSink
+from streamkv.store.base import Store, gather
+from streamkv.store.limits import Limits
+
+log = structlog.get_logger(__name__)
+
+
+class LayerwiseProducer:
+    def __init__(self, store: Store, keys: Sequence[str], layout: KVLayout, namespace: Namespace,
+                 handle: RetrieveHandle, sink: LayerSink, limits: Limits, max_inflight: int,
+                 counters: dict[str, int]) -> None:
+        self.store = store
+        self.keys = list(keys)
+        self.layout = layout
+        self.namespace = namespace
+        self.handle = handle
+        self.sink = sink
+        self.limits = limits
+        self.counters = counters
+        self.slots = anyio.Semaphore(max_inflight)
+        self.headers: list[ChunkHeader] = []
+
+    async def release(self, layer: int) -> None:
+        """Free a slot once the consumer has taken ``layer`` (scheduled onto the loop)."""
+        del layer
+        self.slots.release()
+
+    def _failed(self, kind: str, chunk: int, layer: int, why: str) -> None:
+        self.counters[f"retrieve_{kind}"] = self.counters.get(f"retrieve_{kind}", 0) + 1
+        log.warning("chunk section unusable; hit cut short", kind=kind, chunk=chunk, layer=layer,
+                    key=self.keys[chunk], why=why)
+        self.handle.chunk_failed(chunk, layer)
+
+    async def run(self) -> None:
+        try:
+            await self._read_headers()
+            await self._read_layers()
+        except BaseException:
+            self.handle.cancel()
+            raise
+
+    async def _read_headers(self) -> None:
+        size = header_size(self.layout.num_layers)
+        raw = await gather([lambda k=k: self.store.get_ranges(k, [(0, size)]) for k in self.keys])
+        hit = 0
+        for i, parts in enumerate(raw):
+            if parts is None:
+                break
+            try:
+                header = parse_header(parts[0], self.namespace, self.layout)
+            except FormatError as exc:
+                self.counters["retrieve_corrupt"] = self.counters.get("retrieve_corrupt", 0) + 1
+                log.warning("chunk header unusable; hit cut short", chunk=i, key=self.keys[i],
+                            error=type(exc).__name__, why=str(exc))
+                break
+            if header.num_tokens != self.layout.chunk_size:
+                break
+            self.headers.append(header)
+            hit += 1
+        self.sink.begin(hit)
+        self.handle.set_hit(hit)
+
+    async def _read_layers(self) -> None:
+        if not self.headers:
+            return
+        async with anyio.create_task_group() as tg:
+            for layer in range(self.layout.num_layers):
+                await self.slots.acquire()
+                if self.handle.cancelled:
+                    return
+                tg.start_soon(self._read_layer, layer)
+
+    async def _read_layer(self, layer: int) -> None:
+        live = self.handle.live_chunks()
+        await gather([lambda c=c: self._read_section(c, layer) for c in range(live)])
+        self.handle.layer_done(layer)
+
+    async def _read_section(self, chunk: int, layer: int) -> None:
+        header = self.headers[chunk]
+        parts = await self.store.get_ranges(self.keys[chunk], [header.section_range(layer)])
+        if parts is None:
+            self._failed("missing", chunk, layer, "section could not be read")
+            return
+        try:
+            await anyio.to_thread.run_sync(self._deliver, header, chunk, layer, parts[0],
+                                           limiter=self.limits.limiter("codec"))
+        except FormatError as exc:
+            self._failed("corrupt", chunk, layer, f"{type(exc).__name__}: {exc}")
+
+    def _deliver(self, header: ChunkHeader, chunk: int, layer: int, stored: memoryview) -> None:
+        raw = decode_section(header, layer, stored)
+        self.sink.write(layer, chunk, raw)

@@ -1,0 +1,114 @@
+"""The store interface every tier implements, as zarr's store ABC does.
+
+A store maps keys (``<namespace id>/<name>``) to immutable byte objects.
+Everything is async on anyio. A missing object is a result (``None`` /
+``False``), not an exception; exceptions are for misuse. Batched forms run
+the single forms concurrently unless a tier has something better."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Iterable, Sequence, TypeVar
+
+import anyio
+
+Buffer = bytes | bytearray | memoryview
+ByteRange = tuple[int, int]  # (offset, length)
+T = TypeVar("T")
+
+_KEY = re.compile(r"^[0-9A-Za-z_.-]{1,128}/[0-9A-Za-z_.-]{1,200}$")
+
+
+def check_key(key: str) -> str:
+    """Reject keys that could escape a directory or prefix."""
+    if not isinstance(key, str) or not _KEY.match(key) or ".." in key or key.startswith("."):
+        raise ValueError(f"key={key!r}: expected '<namespace>/<name>' of [0-9A-Za-z_.-], no '..'")
+    return key
+
+
+async def gather(fns: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
+    """Run coroutine factories concurrently in a task group; results in order."""
+    results: list = [None] * len(fns)
+
+    async def run(i: int) -> None:
+        results[i] = await fns[i]()
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(fns)):
+            tg.start_soon(run, i)
+    return results
+
+
+@dataclass
+class TierStats:
+    """Counters a tier keeps; the engine and telemetry read them."""
+
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    errors: int = 0
+    evictions: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        d.update(self.extra)
+        return d
+
+
+class Store(ABC):
+    """An async key → bytes store; one tier, or a composition of tiers."""
+
+    name: str = "store"
+
+    def __init__(self) -> None:
+        self.counters = TierStats()
+
+    @abstractmethod
+    async def get(self, key: str) -> Buffer | None:
+        """The whole object, or None."""
+
+    @abstractmethod
+    async def get_ranges(self, key: str, ranges: Sequence[ByteRange]) -> list[Buffer] | None:
+        """The given byte ranges of one object, or None when it is missing or too short."""
+
+    @abstractmethod
+    async def put(self, key: str, data: Buffer) -> bool:
+        """Store an object atomically (readers see the old state or the new); False if refused."""
+
+    @abstractmethod
+    async def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    async def delete(self, key: str) -> bool:
+        """True when something was deleted."""
+
+    @abstractmethod
+    async def list_keys(self, namespace: str | None = None) -> list[str]:
+        """Keys held, optionally only one namespace's."""
+
+    async def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
+        return await gather([lambda k=k: self.get(k) for k in keys])
+
+    async def put_many(self, items: Iterable[tuple[str, Buffer]]) -> list[bool]:
+        return await gather([lambda k=k, d=d: self.put(k, d) for k, d in items])
+
+    async def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        return await gather([lambda k=k: self.exists(k) for k in keys])
+
+    async def delete_many(self, keys: Sequence[str]) -> list[bool]:
+        return await gather([lambda k=k: self.delete(k) for k in keys])
+
+    async def clear(self, namespace: str | None = None) -> int:
+        """Delete every object (of one namespace); returns how many."""
+        return sum(await self.delete_many(await self.list_keys(namespace)))
+
+    async def aclose(self) -> None:
+        """Release resources; the default has none."""
+
+    def stats(self) -> dict:
+        return {"tier": self.name, **self.counters.as_dict()}

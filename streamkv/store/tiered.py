@@ -1,0 +1,180 @@
+"""Tiers composed: fastest first, promote on hit, write through or back.
+
+Reads ask the fastest tier first and stop at the first that has the object;
+a hit in a lower tier is copied up in the background (``promote``). Writes:
+``write_through`` puts into the first tier at once and into the others in the
+background; ``write_back`` puts into the first tier only and demotes an object
+to the next tier when the upper one evicts it. Background work runs in a task
+group the owner passes in (nursery passing), so ``flush`` can wait for it and
+closing the owner finishes it; a failing background write is logged and
+counted, never raised."""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable, Sequence
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+
+from streamkv.errors import ConfigError
+from streamkv.store.base import Buffer, ByteRange, Store
+
+log = structlog.get_logger(__name__)
+WRITE_POLICIES = ("write_through", "write_back")
+
+
+class TieredStore(Store):
+    name = "tiered"
+
+    def __init__(self, tiers: Sequence[Store], *, write_policy: str = "write_through",
+                 promote: bool = True, background: TaskGroup | None = None) -> None:
+        super().__init__()
+        if not tiers:
+            raise ConfigError("tiers", list(tiers), "at least one tier is required")
+        if write_policy not in WRITE_POLICIES:
+            raise ConfigError("write_policy", write_policy, f"one of {WRITE_POLICIES}")
+        self.tiers = list(tiers)
+        self.write_policy = write_policy
+        self.promote = promote
+        self.background = background
+        self._pending = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+        if write_policy == "write_back":
+            for upper, lower in zip(self.tiers, self.tiers[1:]):
+                if hasattr(upper, "on_evict"):
+                    upper.on_evict = self._demoter(lower)
+
+    # -- background work -------------------------------------------------------
+    def _spawn(self, what: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run ``fn`` in the background task group (inline-scheduled if there is none)."""
+        if self.background is None:
+            raise RuntimeError("no background task group")
+        self._pending += 1
+        if self._idle.is_set():
+            self._idle = anyio.Event()
+        self.background.start_soon(self._guarded, what, fn, *args)
+
+    async def _guarded(self, what: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        try:
+            await fn(*args)
+        except Exception as exc:  # a background write must never take the group down
+            self.counters.errors += 1
+            log.warning("background tier work failed", what=what, error=repr(exc))
+        finally:
+            self._pending -= 1
+            if self._pending == 0:
+                self._idle.set()
+
+    async def _later(self, what: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Background when there is a task group, else now (but still never raising)."""
+        if self.background is not None:
+            self._spawn(what, fn, *args)
+        else:
+            self._pending += 1
+            if self._idle.is_set():
+                self._idle = anyio.Event()
+            await self._guarded(what, fn, *args)
+
+    async def flush(self) -> None:
+        """Wait until every background write and promotion has finished."""
+        while self._pending:
+            await self._idle.wait()
+
+    def _demoter(self, lower: Store) -> Callable[[str, memoryview], None]:
+        def demote(key: str, data: memoryview) -> None:
+            if self.background is not None:
+                self._spawn("demote", lower.put, key, bytes(data))
+            else:
+                log.warning("write_back eviction without a background group; object dropped", key=key)
+        return demote
+
+    # -- reads -----------------------------------------------------------------
+    async def get(self, key: str) -> Buffer | None:
+        for i, tier in enumerate(self.tiers):
+            data = await tier.get(key)
+            if data is not None:
+                self.counters.hits += 1
+                if self.promote and i > 0:
+                    await self._later("promote", self._promote_bytes, key, bytes(data), i)
+                return data
+        self.counters.misses += 1
+        return None
+
+    async def get_ranges(self, key: str, ranges: Sequence[ByteRange]) -> list[Buffer] | None:
+        for i, tier in enumerate(self.tiers):
+            parts = await tier.get_ranges(key, ranges)
+            if parts is not None:
+                self.counters.hits += 1
+                if self.promote and i > 0 and self.background is not None:
+                    self._spawn("promote", self._promote_from, key, i)
+                return parts
+        self.counters.misses += 1
+        return None
+
+    async def _promote_from(self, key: str, source: int) -> None:
+        if await self.tiers[source - 1].exists(key):
+            return
+        data = await self.tiers[source].get(key)
+        if data is not None:
+            await self._promote_bytes(key, data, source)
+
+    async def _promote_bytes(self, key: str, data: Buffer, source: int) -> None:
+        for tier in self.tiers[:source]:
+            await tier.put(key, data)
+
+    async def exists(self, key: str) -> bool:
+        return (await self.exists_many([key]))[0]
+
+    async def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        """Ask each tier only about the keys the faster tiers lacked."""
+        found = [False] * len(keys)
+        todo = list(range(len(keys)))
+        for tier in self.tiers:
+            if not todo:
+                break
+            flags = await tier.exists_many([keys[i] for i in todo])
+            for i, flag in zip(todo, flags):
+                found[i] = flag
+            todo = [i for i in todo if not found[i]]
+        return found
+
+    async def where(self, keys: Sequence[str]) -> list[list[str]]:
+        """For each key, the names of the tiers that hold it."""
+        per_tier = [await t.exists_many(keys) for t in self.tiers]
+        return [[t.name for t, flags in zip(self.tiers, per_tier) if flags[i]] for i in range(len(keys))]
+
+    async def list_keys(self, namespace: str | None = None) -> list[str]:
+        seen: dict[str, None] = {}
+        for tier in self.tiers:
+            for key in await tier.list_keys(namespace):
+                seen[key] = None
+        return list(seen)
+
+    # -- writes ----------------------------------------------------------------
+    async def put(self, key: str, data: Buffer) -> bool:
+        first = await self.tiers[0].put(key, data)
+        if self.write_policy == "write_through" and len(self.tiers) > 1:
+            # callers hand over ``data``: it is never mutated after put
+            await self._later("write_through", self._put_lower, key, data)
+            return True
+        self.counters.puts += int(first)
+        return first
+
+    async def _put_lower(self, key: str, data: Buffer) -> None:
+        for tier in self.tiers[1:]:
+            await tier.put(key, data)
+        self.counters.puts += 1
+
+    async def delete(self, key: str) -> bool:
+        results = [await t.delete(key) for t in self.tiers]
+        return any(results)
+
+    async def aclose(self) -> None:
+        await self.flush()
+        for tier in self.tiers:
+            await tier.aclose()
+
+    def stats(self) -> dict:
+        return {**super().stats(), "pending": self._pending, "tiers": [t.stats() for t in self.tiers]}
