@@ -13,8 +13,11 @@ from typing import Sequence
 from streamkv.errors import StreamKVError
 
 COMMAND_MODULES = (
+    "streamkv.commands.serve",
+    "streamkv.commands.control",
     "streamkv.commands.demo",
     "streamkv.commands.bench",
+    "streamkv.commands.trace",
 )
 
 

@@ -2,7 +2,11 @@
 
 The library never configures logging behind a caller's back unless nobody
 has: an engine configures a quiet default (warnings and up) if structlog is
-still unconfigured, so library logs never flood an engine's stdout."""
+still unconfigured, so library logs never flood an engine's stdout.
+
+Every line logged inside a request carries that request's ``trace_id`` and
+``span_id`` (from the OpenTelemetry context, which the core carries into its
+loop thread), so a log line can be found in its trace and back."""
 
 from __future__ import annotations
 
@@ -10,8 +14,19 @@ import logging
 import sys
 
 import structlog
+from opentelemetry import trace
+from structlog.typing import EventDict, WrappedLogger
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def add_trace_context(logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: the current span's ``trace_id``/``span_id`` (W3C hex), when there is one."""
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        event_dict.setdefault("trace_id", format(ctx.trace_id, "032x"))
+        event_dict.setdefault("span_id", format(ctx.span_id, "016x"))
+    return event_dict
 
 
 def configure_logging(log_format: str = "console", level: str = "warning", force: bool = True) -> None:
@@ -27,6 +42,7 @@ def configure_logging(log_format: str = "console", level: str = "warning", force
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            add_trace_context,
             structlog.processors.TimeStamper(fmt="iso"),
             renderer,
         ],

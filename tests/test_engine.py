@@ -1,0 +1,214 @@
+"""The engine core on real tiers: hit lengths, corruption, non-blocking stores, bad input."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import anyio
+import numpy as np
+import pytest
+
+from streamkv.config import StreamKVConfig
+from streamkv.engine import StreamKVEngine
+from streamkv.errors import ConfigError
+from streamkv.keys import Namespace
+from streamkv.layout import KVLayout
+from streamkv.store import DiskStore, MemoryStore
+from tests.engine_helpers import LAYOUT, make_engine, random_kv, source_of, streamed
+
+C = LAYOUT.chunk_size
+
+
+def stored_engine(tmp_path: Path, tokens: np.ndarray, kv, **kw) -> StreamKVEngine:  # type: ignore[no-untyped-def]
+    engine = make_engine(tmp_path, **kw)
+    assert engine.store_kv(tokens, source_of(kv)).result() == len(tokens) // C
+    engine.flush()
+    return engine
+
+
+def test_hit_lengths_exact_partial_diverging(tmp_path: Path) -> None:
+    tokens = np.arange(100)
+    with stored_engine(tmp_path, tokens, random_kv(100)) as engine:
+        assert engine.lookup(tokens) == 96
+        assert engine.lookup(tokens[:50]) == 48
+        assert engine.lookup(np.concatenate([tokens, np.arange(40)])) == 96
+        diverged = tokens.copy()
+        diverged[40] = 9999
+        assert engine.lookup(diverged) == 32
+        assert engine.lookup(np.arange(5, 105)) == 0
+        assert engine.lookup(tokens[:10]) == 0
+
+
+def test_streamed_kv_equals_stored(tmp_path: Path) -> None:
+    tokens = np.arange(70)
+    kv = random_kv(70)
+    with stored_engine(tmp_path, tokens, kv) as engine:
+        hit, layers = streamed(engine, tokens)
+        assert hit == 64 and layers is not None
+        for layer, (k, v) in enumerate(kv):
+            assert np.array_equal(layers[layer][0], k[:64]) and np.array_equal(layers[layer][1], v[:64])
+
+
+@pytest.mark.parametrize("tiers", [("disk",), ("memory",)])
+def test_single_tier_engines(tmp_path: Path, tiers: tuple[str, ...]) -> None:
+    tokens = np.arange(48)
+    kv = random_kv(48, seed=3)
+    with stored_engine(tmp_path, tokens, kv, tiers=None, **{}) as _:
+        pass
+    cfg = StreamKVConfig(chunk_size=C, disk_dir=str(tmp_path / "disk"), memory_gb=0.01, disk_gb=0.01, tiers=tiers)
+    with StreamKVEngine(cfg, LAYOUT, Namespace("tiny", LAYOUT)) as engine:
+        if tiers == ("memory",):
+            engine.store_kv(tokens, source_of(kv)).result()
+        hit, layers = streamed(engine, tokens)
+        assert hit == 48 and np.array_equal(layers[2][1], kv[2][1])
+
+
+def _corrupt_file(tmp_path: Path, engine: StreamKVEngine, tokens, chunk: int, where: str) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "disk" / engine.keys(tokens)[chunk]
+    data = bytearray(path.read_bytes())
+    if where == "section":
+        data[-10] ^= 0xFF  # inside the last layer's section
+    elif where == "header":
+        data[30] ^= 0xFF
+    elif where == "truncate":
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("where", ["header", "section", "truncate"])
+def test_corrupt_chunk_in_the_middle_cuts_the_hit(tmp_path: Path, where: str) -> None:
+    tokens = np.arange(80)
+    kv = random_kv(80, seed=1)
+    with stored_engine(tmp_path, tokens, kv) as engine:
+        _corrupt_file(tmp_path, engine, tokens, 2, where)
+    cfg = StreamKVConfig(chunk_size=C, disk_dir=str(tmp_path / "disk"), memory_gb=0.01, disk_gb=0.01, tiers=("disk",))
+    with StreamKVEngine(cfg, LAYOUT, Namespace("tiny", LAYOUT)) as engine:
+        handle = engine.retrieve(tokens)
+        results = [handle.wait(layer) for layer in range(LAYOUT.num_layers)]
+        if where == "header":
+            assert handle.hit_tokens == 2 * C and all(results)  # known before the forward: a shorter hit
+        elif where == "section":
+            assert handle.hit_tokens == 5 * C and results[:-1] == [True] * 3 and not results[-1]
+        else:  # truncated: the header reads fine, sections past the cut do not
+            assert handle.hit_tokens == 5 * C and not all(results)
+        assert handle.valid_tokens == 2 * C
+        got = [a.view(np.float32) for a in handle.sink.layers]
+        for layer in range(LAYOUT.num_layers):  # whatever did arrive for the valid prefix is right
+            if results[layer]:
+                assert np.array_equal(got[layer][0][: 2 * C], kv[layer][0][: 2 * C])
+        assert engine.counters.get("retrieve_corrupt", 0) + engine.counters.get("retrieve_missing", 0) >= 1
+
+
+def test_missing_chunk_cuts_hit_and_foreign_object_is_a_miss(tmp_path: Path) -> None:
+    tokens = np.arange(64)
+    kv = random_kv(64)
+    with stored_engine(tmp_path, tokens, kv, tiers=("disk",)) as engine:
+        keys = engine.keys(tokens)
+        (tmp_path / "disk" / keys[1]).unlink()
+    with make_engine(tmp_path, tiers=None) as engine:
+        assert streamed(engine, tokens)[0] == C
+    # an object of another model placed under this model's key is a miss
+    with stored_engine(tmp_path / "other", tokens, kv, model="other-model", tiers=("disk",)) as other:
+        foreign = (tmp_path / "other" / "disk" / other.keys(tokens)[0]).read_bytes()
+    with make_engine(tmp_path) as engine:
+        (tmp_path / "disk" / engine.keys(tokens)[0]).write_bytes(foreign)
+    with make_engine(tmp_path) as engine:
+        assert streamed(engine, tokens)[0] == 0
+
+
+class GatedStore(MemoryStore):
+    """A real memory tier whose puts wait for a gate: a slow tier."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        super().__init__(1 << 24)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    async def put(self, key: str, data) -> bool:  # type: ignore[no-untyped-def]
+        self.entered.set()
+        await anyio.to_thread.run_sync(self.gate.wait)
+        return await super().put(key, data)
+
+
+def test_store_never_blocks_on_a_slow_tier(tmp_path: Path) -> None:
+    slow = GatedStore()
+    engine = make_engine(tmp_path, tiers=[slow])
+    tokens = np.arange(64)
+    future = engine.store_kv(tokens, source_of(random_kv(64)))  # returns while the tier is stuck
+    assert slow.entered.wait(30)
+    assert not future.done()
+    slow.gate.set()
+    assert future.result(30) == 4
+    assert engine.lookup(tokens) == 64
+    engine.close()
+
+
+def test_store_skips_chunks_already_stored(tmp_path: Path) -> None:
+    tokens = np.arange(64)
+    with stored_engine(tmp_path, tokens, random_kv(64)) as engine:
+        assert engine.store_kv(tokens, source_of(random_kv(64))).result() == 0
+        assert engine.store_kv(np.arange(96), source_of(random_kv(96))).result() == 2
+
+
+def test_store_of_wrong_shaped_kv_stores_nothing(tmp_path: Path) -> None:
+    with make_engine(tmp_path) as engine:
+        wrong = random_kv(64, KVLayout(4, 3, 8, "float32", 16))
+        assert engine.store_kv(np.arange(64), source_of(wrong)).result() == 0
+        assert engine.counters["store_rejected"] == 1
+        assert engine.lookup(np.arange(64)) == 0
+
+
+def test_read_and_write_whole_chunks(tmp_path: Path) -> None:
+    with make_engine(tmp_path) as engine:
+        key = engine.object_key("a" * 64)
+        payload = np.random.default_rng(0).integers(0, 255, LAYOUT.chunk_bytes, dtype=np.uint8)
+        assert engine.write_chunks([(key, payload), (engine.object_key("b"), b"short")], wait=True) == 1
+        got = engine.read_chunks([key, engine.object_key("c")])
+        assert np.array_equal(got[0], payload) and got[1] is None
+
+
+def test_bad_input_at_construction(tmp_path: Path) -> None:
+    cfg = StreamKVConfig(chunk_size=16, disk_dir=str(tmp_path), memory_gb=0.01, disk_gb=0.01)
+    with pytest.raises(ConfigError, match="chunk_size"):
+        StreamKVEngine(cfg, LAYOUT.with_chunk_size(32), Namespace("m", LAYOUT.with_chunk_size(32)))
+    with pytest.raises(ConfigError, match="layout"):
+        StreamKVEngine(cfg, LAYOUT, Namespace("m", KVLayout(2, 2, 8, "float32", 16)))
+    with pytest.raises(ConfigError, match="memory_gb"):
+        StreamKVConfig(memory_gb=0)
+    with pytest.raises(ConfigError, match="disk_gb"):
+        StreamKVConfig(disk_gb=-1)
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="disk_dir"):
+        StreamKVEngine(cfg.replace(disk_dir=str(blocker / "cache")), LAYOUT, Namespace("m", LAYOUT))
+    with pytest.raises(ConfigError, match="tiers"):
+        StreamKVConfig(tiers=("disk", "memory"))
+    with pytest.raises(ConfigError, match="s3_url"):
+        StreamKVConfig(tiers=("memory", "s3"))
+    with pytest.raises(ConfigError, match="num_kv_heads"):
+        KVLayout(4, 0, 8)
+
+
+def test_bad_tokens_raise_type_error(tmp_path: Path) -> None:
+    with make_engine(tmp_path) as engine:
+        with pytest.raises(TypeError, match="tokens"):
+            engine.lookup("hello world")
+        with pytest.raises(TypeError, match="tokens"):
+            engine.retrieve([0.5, 1.5])
+
+
+def test_config_sources_and_errors(tmp_path: Path) -> None:
+    path = tmp_path / "streamkv.yaml"
+    path.write_text("memory_gb: 0.5\nchunk_size: 128\ndisk_dir: /tmp/x\n")
+    cfg = StreamKVConfig.load(path, env={"STREAMKV_CHUNK_SIZE": "64"}, disk_gb=3)
+    assert (cfg.memory_gb, cfg.chunk_size, cfg.disk_gb, cfg.disk_dir) == (0.5, 64, 3, "/tmp/x")
+    path.write_text("no_such_key: 1\n")
+    with pytest.raises(ConfigError, match="no_such_key"):
+        StreamKVConfig.load(path, env={})
+    with pytest.raises(ConfigError, match="chunk_size='abc'"):
+        StreamKVConfig.load(env={"STREAMKV_CHUNK_SIZE": "abc"})
+    with pytest.raises(ConfigError, match="write_policy"):
+        StreamKVConfig(write_policy="sometimes")
