@@ -81,12 +81,13 @@ class CachedModel:
         return ids.to(self.model.device)
 
     @torch.inference_mode()
-    def prefill(self, input_ids: Any, store: bool = True) -> PrefillResult:
-        """Forward the prompt, reusing its stored prefix; the last token is always computed."""
+    def prefill(self, input_ids: Any, store: bool = True, reuse: bool = True) -> PrefillResult:
+        """Forward the prompt, reusing its stored prefix (unless ``reuse`` is off); the
+        last token is always computed."""
         ids = self._prompt(input_ids)
         n = ids.shape[1]
         start = time.perf_counter()
-        limit, retries = n - 1, 0
+        limit, retries = (n - 1 if reuse else 0), 0
         while True:
             handle = self.engine.retrieve(ids[0], max_tokens=limit)
             cache = StreamKVCache(self.model.config, handle, self.layout)
@@ -118,10 +119,11 @@ class CachedModel:
         return self.engine.store_kv(ids, source)
 
     @torch.inference_mode()
-    def generate(self, input_ids: Any, max_new_tokens: int = 16, store: bool = True) -> GenerateResult:
+    def generate(self, input_ids: Any, max_new_tokens: int = 16, store: bool = True,
+                 reuse: bool = True) -> GenerateResult:
         """Greedy generation; TTFT is the time to the first token's logits."""
         start = time.perf_counter()
-        pre = self.prefill(input_ids, store=store)
+        pre = self.prefill(input_ids, store=store, reuse=reuse)
         cache = pre.cache
         token = pre.logits.argmax(dim=-1, keepdim=True)
         tokens = [int(token)]
