@@ -50,7 +50,14 @@ class StreamKVEngine:
         self.namespace = namespace
         self.limits = Limits(disk_io=config.disk_io_threads, s3_requests=config.s3_max_concurrency,
                              codec=config.codec_threads)
-        built = list(tiers) if tiers is not None else build_tiers(config, self.limits)
+        if tiers is not None:
+            built = list(tiers)
+        elif config.mode == "daemon":
+            from streamkv.client import DaemonStore  # the tiers live in `streamkv serve`
+
+            built = [DaemonStore.from_config(config)]
+        else:
+            built = build_tiers(config, self.limits)
         self.runtime = Runtime()
         self.store = TieredStore(built, write_policy=config.write_policy, promote=config.promote_on_hit,
                                  background=self.runtime.background)

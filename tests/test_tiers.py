@@ -168,3 +168,19 @@ def test_unwritable_disk_dir_rejected(tmp_path: Path) -> None:
     blocker.write_text("not a dir")
     with pytest.raises(ConfigError, match="disk_dir"):
         DiskStore(blocker / "sub", 1 << 20)
+
+
+def test_write_back_demotes_down_every_tier(tmp_path: Path) -> None:
+    """memory → disk → a third tier: each eviction hands the object one tier down, nothing is lost."""
+    async def go() -> None:
+        mem, disk, bottom = MemoryStore(2000), DiskStore(tmp_path, 2000), MemoryStore(1 << 20)
+        async with anyio.create_task_group() as tg:
+            tiered = TieredStore([mem, disk, bottom], write_policy="write_back", background=tg)
+            for i in range(6):
+                await tiered.put(key(i), bytes([i]) * 1000)
+                await tiered.flush()
+            for i in range(6):
+                assert bytes(await tiered.get(key(i))) == bytes([i]) * 1000
+            assert await bottom.exists(key(0)) and await bottom.exists(key(1))
+            assert mem.used_bytes <= 2000 and disk.used_bytes <= 2000
+    run(go)

@@ -50,7 +50,11 @@ class RetrieveHandle:
             self._valid_chunks = min(self._valid_chunks, chunk)
             self._layer_ok[layer] = False
 
-    def layer_done(self, layer: int) -> None:
+    def layer_done(self, layer: int, delivered_chunks: int | None = None) -> None:
+        """The producer is finished with ``layer``; it is complete only if every hit chunk arrived."""
+        if delivered_chunks is not None and delivered_chunks < self._hit_chunks:
+            with self._lock:
+                self._layer_ok[layer] = False
         self._done[layer].set()
 
     def live_chunks(self) -> int:
@@ -81,13 +85,13 @@ class RetrieveHandle:
         start = time.perf_counter()
         ok = self._done[layer].wait(self.wait_timeout_s if timeout is None else timeout)
         self.stall_s[layer] += time.perf_counter() - start
-        if not ok:
+        if not ok:  # the producer is stuck: give up on this layer and the whole hit
             self.chunk_failed(0, layer)
             return False
         if self._release is not None:
             self._release(layer)
         with self._lock:
-            return self._layer_ok[layer] and self._valid_chunks >= self._hit_chunks
+            return self._layer_ok[layer]
 
     def done(self) -> bool:
         return all(ev.is_set() for ev in self._done)

@@ -51,6 +51,9 @@ class LayerwiseProducer:
         log.warning("chunk section unusable; hit cut short", kind=kind, chunk=chunk, layer=layer,
                     key=self.keys[chunk], why=why)
         self.handle.chunk_failed(chunk, layer)
+        fail = getattr(self.sink, "fail_layer", None)  # device sinks release the layer's waiters
+        if fail is not None:
+            fail(layer, RuntimeError(why))
 
     async def run(self) -> None:
         try:
@@ -94,7 +97,10 @@ class LayerwiseProducer:
     async def _read_layer(self, layer: int) -> None:
         live = self.handle.live_chunks()
         await gather([lambda c=c: self._read_section(c, layer) for c in range(live)])
-        self.handle.layer_done(layer)
+        finish = getattr(self.sink, "finish_layer", None)  # device sinks record the layer's event
+        if finish is not None:
+            finish(layer)
+        self.handle.layer_done(layer, live)
 
     async def _read_section(self, chunk: int, layer: int) -> None:
         header = self.headers[chunk]

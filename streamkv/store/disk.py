@@ -13,7 +13,7 @@ import os
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import anyio
 import numpy as np
@@ -61,6 +61,13 @@ def _read_ranges(path: Path, ranges: Sequence[ByteRange]) -> list[bytes] | None:
         os.close(fd)
 
 
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _write_atomic(path: Path, data: memoryview, fsync: bool) -> None:
     tmp = path.parent / f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,8 +86,9 @@ class DiskStore(Store):
     name = "disk"
 
     def __init__(self, root: str | os.PathLike, capacity_bytes: int, *, fsync: bool = False,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, on_evict: Callable[[str, memoryview], None] | None = None) -> None:
         super().__init__()
+        self.on_evict = on_evict
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise ConfigError("disk capacity_bytes", capacity_bytes, "must be a positive number of bytes")
         self.root = Path(root).expanduser()
@@ -170,24 +178,37 @@ class DiskStore(Store):
         self.counters.puts += 1
         self.counters.bytes_written += size
         if self.used_bytes > self.capacity_bytes:
-            victims = self._evict_sync(0, keep=key)
-            self.counters.evictions += victims
+            await self._evict(keep=key)
         return True
 
-    def _evict_sync(self, need: int, keep: str | None = None) -> int:
-        victims = 0
+    def _victims(self, keep: str | None = None) -> list[str]:
+        """Drop least recently used entries from the index until the tier fits; returns them."""
+        victims = []
         for key in list(self._index):
-            if self.used_bytes + need <= self.capacity_bytes:
+            if self.used_bytes <= self.capacity_bytes:
                 break
-            if key == keep:
-                continue
-            self._forget(key)
-            try:
-                os.unlink(self._path(key))
-            except FileNotFoundError:
-                pass
-            victims += 1
+            if key != keep:
+                self._forget(key)
+                victims.append(key)
+        self.counters.evictions += len(victims)
         return victims
+
+    async def _evict(self, keep: str | None = None) -> None:
+        """Evict to capacity; with an ``on_evict`` hook (write-back), hand each object down first."""
+        for key in self._victims(keep):
+            path = self._path(key)
+            if self.on_evict is not None:
+                data = await self._run(_read_file, path)
+                if data is not None:
+                    self.on_evict(key, memoryview(data))
+            await self._run(_unlink_quietly, path)
+
+    def _evict_sync(self, need: int = 0, keep: str | None = None) -> int:
+        """Evict at start-up (no loop yet, nothing to hand down)."""
+        victims = self._victims(keep)
+        for key in victims:
+            _unlink_quietly(self._path(key))
+        return len(victims)
 
     def _forget(self, key: str) -> None:
         size = self._index.pop(key, None)

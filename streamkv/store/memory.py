@@ -90,7 +90,7 @@ class MemoryStore(Store):
         if size > self.capacity_bytes or not self._make_room(size - reclaim, keep=key):
             self.counters.errors += 1
             return False
-        buf = host_buffer(size, self.pinned_memory)
+        buf = self.new_buffer(size)
         buf[:] = np.frombuffer(src, dtype=np.uint8)
         if old is not None:
             self.used_bytes -= old.nbytes
@@ -100,6 +100,10 @@ class MemoryStore(Store):
         self.counters.puts += 1
         self.counters.bytes_written += size
         return True
+
+    def new_buffer(self, size: int) -> np.ndarray:
+        """A fresh uint8 buffer for one object (the daemon overrides it to use shared memory)."""
+        return host_buffer(size, self.pinned_memory)
 
     async def exists(self, key: str) -> bool:
         return key in self._objects

@@ -1,0 +1,1 @@
+"""CUDA kernel sources (package data: streamkv.kernels_cuda)."""

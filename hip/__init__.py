@@ -1,0 +1,1 @@
+"""HIP kernel sources (package data: streamkv.kernels_hip)."""
