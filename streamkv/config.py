@@ -37,7 +37,7 @@ class StreamKVConfig:
     disk_fsync: bool = False
     s3_url: str | None = None
     s3_endpoint: str | None = None
-    s3_region: str = "us-east-1"
+    s3_region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
     s3_access_key_id: str | None = None
     s3_secret_access_key: str | None = None
     s3_timeout_s: float = 10.0

@@ -29,6 +29,7 @@ from streamkv.store.base import Store
 from streamkv.store.limits import Limits
 from streamkv.store.tiers import build_tiers
 from streamkv.store.tiered import TieredStore
+from streamkv.telemetry import Telemetry, op_recorder, retrieve_recorder
 
 log = structlog.get_logger(__name__)
 
@@ -37,7 +38,7 @@ class StreamKVEngine:
     """One model's view of the cache: its layout, its namespace, the tiers."""
 
     def __init__(self, config: StreamKVConfig, layout: KVLayout, namespace: Namespace,
-                 tiers: Sequence[Store] | None = None) -> None:
+                 tiers: Sequence[Store] | None = None, telemetry: Telemetry | None = None) -> None:
         if not isinstance(layout, KVLayout):
             raise ConfigError("layout", layout, "expected a streamkv.layout.KVLayout")
         if namespace.layout != layout:
@@ -59,9 +60,19 @@ class StreamKVEngine:
         else:
             built = build_tiers(config, self.limits)
         self.runtime = Runtime()
+        try:  # a remote tier that cannot work is a clear error now, not misses later
+            for tier in built:
+                if hasattr(tier, "check"):
+                    self.runtime.call(tier.check)
+        except BaseException:
+            self.runtime.close()
+            raise
         self.store = TieredStore(built, write_policy=config.write_policy, promote=config.promote_on_hit,
                                  background=self.runtime.background)
         self.counters: dict[str, int] = {}
+        self.telemetry = telemetry if telemetry is not None else Telemetry.from_config(config)
+        self.store.telemetry = self.telemetry
+        self.telemetry.attach(self)
         self._closed = False
 
     # -- keys ----------------------------------------------------------------
@@ -87,7 +98,13 @@ class StreamKVEngine:
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
         if not keys:
             return []
-        return self.runtime.call(self.store.exists_many, list(keys))
+        rec = op_recorder(self.telemetry, "lookup", "streamkv.lookup", namespace=self.namespace.id,
+                          chunks=len(keys))
+        found = self.runtime.call(self.store.exists_many, list(keys))
+        if rec is not None:  # every lookup path (lookup, exists_prefix, adapters' batch exists) comes here
+            hits = prefix_hits(found) * self.layout.chunk_size
+            rec.done("hit" if hits else "miss", {"streamkv.present": sum(found), "streamkv.hit_tokens": hits})
+        return found
 
     def exists_prefix(self, keys: Sequence[str]) -> int:
         """Number of leading keys that some tier holds."""
@@ -110,11 +127,14 @@ class StreamKVEngine:
         sink = sink if sink is not None else HostKVSink(self.layout)
         handle = RetrieveHandle(self.layout.num_layers, self.layout.chunk_size, len(keys))
         handle.sink = sink  # type: ignore[attr-defined]
+        handle.trace = rec = retrieve_recorder(self.telemetry, handle, tokens, self.namespace.id, self.counters)
         producer = LayerwiseProducer(self.store, keys, self.layout, self.namespace, handle, sink,
                                      self.limits, self.config.max_inflight_layers, self.counters)
         handle._release = lambda layer: self.runtime.submit(producer.release, layer)
-        handle.future = self.runtime.submit(producer.run)
+        handle.future = self.runtime.submit(self.telemetry.bind(producer.run, rec.context if rec else None))
         handle.future.add_done_callback(lambda f: self._after_retrieve(f, handle))
+        if rec is not None:
+            handle.future.add_done_callback(rec.producer_done)
         self._count("retrieves")
         return handle
 
@@ -137,7 +157,13 @@ class StreamKVEngine:
             done: Future[int] = Future()
             done.set_result(0)
             return done
-        return self.runtime.submit(self._store_guarded, keys, source)
+        rec = op_recorder(self.telemetry, "store", "streamkv.store", namespace=self.namespace.id,
+                          chunks=len(keys))
+        future = self.runtime.submit(self.telemetry.bind(self._store_guarded, rec.context if rec else None),
+                                     keys, source)
+        if rec is not None:
+            future.add_done_callback(rec.done_future)
+        return future
 
     async def _store_guarded(self, keys: list[str], source: LayerSource) -> int:
         try:
@@ -151,7 +177,12 @@ class StreamKVEngine:
     # -- key-level objects (adapters with their own page hashes) ---------------
     def write_chunks(self, items: Sequence[tuple[str, Any]], wait: bool = False) -> Future[int] | int:
         """Encode and store whole chunk payloads (all layer sections, in layer order)."""
-        future = self.runtime.submit(self._write_chunks, list(items))
+        rec = op_recorder(self.telemetry, "store", "streamkv.store", namespace=self.namespace.id,
+                          chunks=len(items), api="chunks")
+        future = self.runtime.submit(self.telemetry.bind(self._write_chunks, rec.context if rec else None),
+                                     list(items))
+        if rec is not None:
+            future.add_done_callback(rec.done_future)
         return future.result() if wait else future
 
     async def _write_chunks(self, items: list[tuple[str, Any]]) -> int:
@@ -179,7 +210,16 @@ class StreamKVEngine:
 
     def read_chunks(self, keys: Sequence[str]) -> list[np.ndarray | None]:
         """Whole verified chunk payloads (uint8), or None for a missing or corrupt one."""
-        return self.runtime.call(self._read_chunks, list(keys))
+        rec = op_recorder(self.telemetry, "retrieve", "streamkv.retrieve", namespace=self.namespace.id,
+                          chunks=len(keys), api="chunks")
+        out = self.runtime.call(self.telemetry.bind(self._read_chunks, rec.context if rec else None), list(keys))
+        if rec is not None:
+            found = sum(x is not None for x in out)
+            rec.done("hit" if found == len(out) and found else "partial" if found else "miss",
+                     {"streamkv.hit_tokens": found * self.layout.chunk_size},
+                     hit_tokens=found * self.layout.chunk_size,
+                     miss_tokens=(len(out) - found) * self.layout.chunk_size)
+        return out
 
     async def _read_chunks(self, keys: list[str]) -> list[np.ndarray | None]:
         import anyio
@@ -220,6 +260,8 @@ class StreamKVEngine:
             self.runtime.call(self.store.aclose)
         finally:
             self.runtime.close()
+            self.telemetry.detach(self)
+            self.telemetry.force_flush()
 
     def __enter__(self) -> StreamKVEngine:
         return self

@@ -63,7 +63,7 @@ class CircuitBreaker:
 
     @property
     def probing(self) -> bool:
-        """True while the one half-open probe is out (it should not retry)."""
+        """True while the one half-open probe is out (it should not retry much)."""
         return self.state is CircuitState.HALF_OPEN
 
     def record_success(self) -> None:

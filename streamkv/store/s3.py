@@ -3,8 +3,9 @@
 Objects are named ``<prefix>/<namespace>/<name>`` and shared by every replica
 that points at the same bucket and prefix. A remote tier fails in ways a local
 one does not, so every request goes through one path (``_call``): the named,
-shared ``s3_requests`` limiter (``streamkv.store.limits``), a per-request timeout, retries with exponential
-backoff on 5xx / timeouts / connection errors, and a circuit breaker. While
+shared ``s3_requests`` limiter (``streamkv.store.limits``), a per-request
+timeout, retries with exponential backoff on 5xx / 429 / timeouts /
+connection errors, and a circuit breaker. While
 the circuit is open the tier is skipped: reads are misses and writes are
 dropped (both counted), so a dead S3 endpoint never stalls the engine.
 
@@ -16,6 +17,7 @@ S3 makes visible only on completion, so readers never see half an object."""
 from __future__ import annotations
 
 import random
+from functools import partial
 from typing import Any, Awaitable, Callable, Literal, Sequence, TypeVar
 
 import anyio
@@ -26,7 +28,7 @@ from streamkv.errors import ConfigError
 from streamkv.store.base import Buffer, ByteRange, Store, check_key, gather
 from streamkv.store.circuit import CircuitBreaker
 from streamkv.store.limits import Limits
-from streamkv.store.s3_config import S3Settings, classify, parse_s3_url, startup_error
+from streamkv.store.s3_config import S3Settings, classify, is_timeout, parse_s3_url, startup_error
 from streamkv.store.s3_index import NamespaceIndex
 
 log = structlog.get_logger(__name__)
@@ -34,6 +36,7 @@ T = TypeVar("T")
 Outcome = Literal["ok", "missing", "skipped", "failed"]
 MiB = 1024 * 1024
 _DELETE_BATCH = 1000  # S3 DeleteObjects takes at most 1000 keys
+
 
 def _coalesce(ranges: Sequence[ByteRange], gap: int, max_bytes: int) -> list[tuple[int, int, list[int]]]:
     """Merge byte ranges into request spans (start, end, indices of the ranges they serve)."""
@@ -91,9 +94,16 @@ class S3Store(Store):
             ("retries", retries, 0), ("max_concurrency", max_concurrency, 1), ("part_concurrency", part_concurrency, 1),
             ("coalesce", coalesce, 0), ("max_request_bytes", max_request_bytes, 1),
             ("part_size", part_size, 5 * MiB), ("multipart_threshold", multipart_threshold, 5 * MiB),
+            ("failure_threshold", failure_threshold, 1),
         ):
-            if not isinstance(value, int) or value < low:
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(field, value, f"must be an integer >= {low}")
+        for field, number in (("backoff_s", backoff_s), ("backoff_max_s", backoff_max_s),
+                              ("cooldown_s", cooldown_s), ("index_ttl_s", index_ttl_s)):
+            if not isinstance(number, (int, float)) or number < 0:
+                raise ConfigError(field, number, "must be a number of seconds >= 0")
+        if not isinstance(check_timeout_s, (int, float)) or check_timeout_s <= 0:
+            raise ConfigError("check_timeout_s", check_timeout_s, "must be a positive number of seconds")
         self.timeout_s = float(timeout_s)
         self.retries = retries
         self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
@@ -112,6 +122,19 @@ class S3Store(Store):
         bucket, prefix = parse_s3_url(url)
         return cls(bucket, prefix, **kwargs)
 
+    @classmethod
+    def from_config(cls, config: Any, limits: Limits | None = None) -> S3Store:
+        """From a ``StreamKVConfig`` (``s3_*`` fields); optional fields fall back to defaults."""
+        optional = {
+            "region": "s3_region", "access_key_id": "s3_access_key_id",
+            "secret_access_key": "s3_secret_access_key", "session_token": "s3_session_token",
+            "timeout_s": "s3_timeout_s", "retries": "s3_retries", "max_concurrency": "s3_max_concurrency",
+            "failure_threshold": "s3_failure_threshold", "cooldown_s": "s3_cooldown_s",
+            "index_ttl_s": "s3_index_ttl_s",
+        }
+        kwargs = {arg: getattr(config, f) for arg, f in optional.items() if getattr(config, f, None) is not None}
+        return cls.from_url(config.s3_url, endpoint=getattr(config, "s3_endpoint", None), limits=limits, **kwargs)
+
     def __repr__(self) -> str:
         return f"S3Store({self.settings.describe()!r})"
 
@@ -127,14 +150,22 @@ class S3Store(Store):
         if not self.breaker.allow():
             self.counters.extra["short_circuited"] += 1
             return "skipped", None
-        attempts = 1 if self.breaker.probing else self.retries + 1
+        # a half-open probe gets one retry at most: enough to survive a stale pooled connection
+        attempts = min(2, self.retries + 1) if self.breaker.probing else self.retries + 1
         error: BaseException | None = None
         try:
             for attempt in range(attempts):
                 try:
-                    async with self.limiter:
+                    limiter = self.limiter
+                    try:  # a free token is taken without a trip through the event loop
+                        limiter.acquire_nowait()
+                    except anyio.WouldBlock:
+                        await limiter.acquire()
+                    try:
                         with anyio.fail_after(self.timeout_s):
                             value = await fn()
+                    finally:
+                        limiter.release()
                     self.breaker.record_success()
                     return "ok", value
                 except Exception as exc:  # noqa: BLE001 - every S3 failure is classified below
@@ -143,7 +174,7 @@ class S3Store(Store):
                         self.breaker.record_success()
                         return "missing", None
                     error = exc
-                    if isinstance(exc, TimeoutError):
+                    if is_timeout(exc):
                         self.counters.extra["timeouts"] += 1
                     if kind == "fatal" or attempt + 1 == attempts:
                         break
@@ -171,7 +202,8 @@ class S3Store(Store):
 
         outcome, data = await self._call("get", key, fetch)
         if outcome != "ok" or data is None:
-            return self._miss(key, outcome)
+            self._miss(key, outcome)
+            return None
         self.counters.hits += 1
         self.counters.bytes_read += len(data)
         return memoryview(data)
@@ -192,10 +224,11 @@ class S3Store(Store):
             fetched[i] = data if outcome == "ok" else outcome
             return outcome == "ok" and data is not None and len(data) == end - start
 
-        complete = await gather([lambda i=i: fetch_span(i) for i in range(len(spans))])
+        complete = await gather([partial(fetch_span, i) for i in range(len(spans))])
         if not all(complete):
             failed = [f for f in fetched if isinstance(f, str)]
-            return self._miss(key, failed[0] if failed else "missing")  # a short object is a miss
+            self._miss(key, failed[0] if failed else "missing")  # a short object is a miss
+            return None
         out: list[Buffer] = [b""] * len(ranges)
         for (start, _, members), data in zip(spans, fetched):
             view = memoryview(data)
@@ -244,7 +277,7 @@ class S3Store(Store):
                 for i in by_ns[ns]:
                     flags[i] = keys[i].partition("/")[2] in names
 
-        await gather([lambda ns=ns: resolve(ns) for ns in by_ns])
+        await gather([partial(resolve, ns) for ns in by_ns])
         return flags
 
     async def _list_names(self, namespace: str) -> set[str] | None:
@@ -324,7 +357,7 @@ class S3Store(Store):
         done: set[str] = set()
         for i in range(0, len(keys), _DELETE_BATCH):
             batch = keys[i : i + _DELETE_BATCH]
-            outcome, _ = await self._call("delete_many", batch[0], lambda b=batch: obs.delete_async(self.obstore, b))
+            outcome, _ = await self._call("delete_many", batch[0], partial(obs.delete_async, self.obstore, batch))
             if outcome == "ok":
                 done.update(batch)
                 for key in batch:

@@ -146,11 +146,16 @@ def s3_code(exc: BaseException) -> str | None:
     return match.group(1) if match else None
 
 
+def is_timeout(exc: BaseException) -> bool:
+    """Our own deadline (TimeoutError) or the HTTP client's (obstore reports ``kind: Timeout``)."""
+    return isinstance(exc, TimeoutError) or "kind: Timeout" in str(exc)
+
+
 def classify(exc: BaseException) -> ErrorKind:
     """missing: the object is not there; retry: 5xx, 429, timeouts, connection errors; fatal: the rest."""
     if isinstance(exc, FileNotFoundError):
         return "missing"
-    if isinstance(exc, TimeoutError):
+    if is_timeout(exc):
         return "retry"
     status = http_status(exc)
     if status is not None:
@@ -166,7 +171,7 @@ def classify(exc: BaseException) -> ErrorKind:
 def startup_error(settings: S3Settings, exc: BaseException, timeout_s: float) -> ConfigError:
     """Turn a failed start-up check into an error that names the setting at fault."""
     where = settings.describe()
-    if isinstance(exc, TimeoutError):
+    if is_timeout(exc):
         return ConfigError("endpoint", settings.endpoint, f"no answer within {timeout_s:g}s from {where}")
     status, code = http_status(exc), s3_code(exc)
     if code == "NoSuchBucket" or status == 404:

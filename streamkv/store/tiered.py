@@ -19,6 +19,7 @@ from anyio.abc import TaskGroup
 
 from streamkv.errors import ConfigError
 from streamkv.store.base import Buffer, ByteRange, Store
+from streamkv.telemetry import Telemetry
 
 log = structlog.get_logger(__name__)
 WRITE_POLICIES = ("write_through", "write_back")
@@ -26,6 +27,7 @@ WRITE_POLICIES = ("write_through", "write_back")
 
 class TieredStore(Store):
     name = "tiered"
+    telemetry: Telemetry = Telemetry.disabled()  # the engine sets its own: streamkv.tier.* spans
 
     def __init__(self, tiers: Sequence[Store], *, write_policy: str = "write_through",
                  promote: bool = True, background: TaskGroup | None = None) -> None:
@@ -39,6 +41,7 @@ class TieredStore(Store):
         self.promote = promote
         self.background = background
         self._pending = 0
+        self._moving: dict[str, bytes] = {}  # objects evicted from one tier, not yet in the next
         self._idle = anyio.Event()
         self._idle.set()
         if write_policy == "write_back":
@@ -84,33 +87,61 @@ class TieredStore(Store):
 
     def _demoter(self, lower: Store) -> Callable[[str, memoryview], None]:
         def demote(key: str, data: memoryview) -> None:
-            if self.background is not None:
-                self._spawn("demote", lower.put, key, bytes(data))
-            else:
+            if self.background is None:
                 log.warning("write_back eviction without a background group; object dropped", key=key)
+                return
+            copy = bytes(data)
+            self._moving[key] = copy  # stays readable while it travels down
+            self._spawn("demote", self._demote, lower, key, copy)
         return demote
+
+    async def _demote(self, lower: Store, key: str, data: bytes) -> None:
+        try:
+            await lower.put(key, data)
+        finally:
+            if self._moving.get(key) is data:
+                del self._moving[key]
 
     # -- reads -----------------------------------------------------------------
     async def get(self, key: str) -> Buffer | None:
+        span = self.telemetry.tier_span("get", key)
         for i, tier in enumerate(self.tiers):
             data = await tier.get(key)
             if data is not None:
                 self.counters.hits += 1
+                if span is not None:
+                    self.telemetry.end_tier_span(span, tier.name, memoryview(data).nbytes, "hit")
                 if self.promote and i > 0:
                     await self._later("promote", self._promote_bytes, key, bytes(data), i)
                 return data
+        moving = self._moving.get(key)
+        if moving is not None:
+            self.counters.hits += 1
+            self.telemetry.end_tier_span(span, "moving", len(moving), "hit")
+            return moving
         self.counters.misses += 1
+        self.telemetry.end_tier_span(span, None, 0, "miss")
         return None
 
     async def get_ranges(self, key: str, ranges: Sequence[ByteRange]) -> list[Buffer] | None:
+        span = self.telemetry.tier_span("get", key)
         for i, tier in enumerate(self.tiers):
             parts = await tier.get_ranges(key, ranges)
             if parts is not None:
                 self.counters.hits += 1
+                if span is not None:
+                    self.telemetry.end_tier_span(span, tier.name, sum(n for _, n in ranges), "hit")
                 if self.promote and i > 0 and self.background is not None:
                     self._spawn("promote", self._promote_from, key, i)
                 return parts
+        moving = self._moving.get(key)
+        if moving is not None and all(0 <= off and off + n <= len(moving) for off, n in ranges):
+            self.counters.hits += 1
+            self.telemetry.end_tier_span(span, "moving", sum(n for _, n in ranges), "hit")
+            view = memoryview(moving)
+            return [view[off : off + n] for off, n in ranges]
         self.counters.misses += 1
+        self.telemetry.end_tier_span(span, None, 0, "miss")
         return None
 
     async def _promote_from(self, key: str, source: int) -> None:
@@ -138,6 +169,8 @@ class TieredStore(Store):
             for i, flag in zip(todo, flags):
                 found[i] = flag
             todo = [i for i in todo if not found[i]]
+        for i in todo:
+            found[i] = keys[i] in self._moving
         return found
 
     async def where(self, keys: Sequence[str]) -> list[list[str]]:
@@ -154,7 +187,11 @@ class TieredStore(Store):
 
     # -- writes ----------------------------------------------------------------
     async def put(self, key: str, data: Buffer) -> bool:
+        span = self.telemetry.tier_span("put", key)
         first = await self.tiers[0].put(key, data)
+        if span is not None:
+            self.telemetry.end_tier_span(span, self.tiers[0].name, memoryview(data).nbytes,
+                                         "stored" if first else "refused")
         if self.write_policy == "write_through" and len(self.tiers) > 1:
             # callers hand over ``data``: it is never mutated after put
             await self._later("write_through", self._put_lower, key, data)
@@ -164,7 +201,11 @@ class TieredStore(Store):
 
     async def _put_lower(self, key: str, data: Buffer) -> None:
         for tier in self.tiers[1:]:
-            await tier.put(key, data)
+            span = self.telemetry.tier_span("put", key)
+            stored = await tier.put(key, data)
+            if span is not None:
+                self.telemetry.end_tier_span(span, tier.name, memoryview(data).nbytes,
+                                             "stored" if stored else "refused")
         self.counters.puts += 1
 
     async def delete(self, key: str) -> bool:
