@@ -43,6 +43,10 @@ class StreamKVConfig:
     s3_timeout_s: float = 10.0
     s3_max_concurrency: int = 32
     s3_retries: int = 3
+    s3_session_token: str | None = None
+    s3_failure_threshold: int = 5
+    s3_cooldown_s: float = 30.0
+    s3_index_ttl_s: float = 2.0
     write_policy: str = "write_through"
     promote_on_hit: bool = True
     compression: str = "auto"
@@ -65,6 +69,9 @@ class StreamKVConfig:
         _positive(self, "disk_gb", float)
         _positive(self, "s3_timeout_s", float)
         _positive(self, "s3_max_concurrency", int)
+        _positive(self, "s3_failure_threshold", int)
+        _positive(self, "s3_cooldown_s", float)
+        _positive(self, "s3_index_ttl_s", float)
         _positive(self, "max_inflight_layers", int)
         _positive(self, "disk_io_threads", int)
         _positive(self, "codec_threads", int)
@@ -129,7 +136,7 @@ class StreamKVConfig:
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for secret in ("s3_secret_access_key", "token"):
+        for secret in ("s3_secret_access_key", "s3_session_token", "token"):
             if d.get(secret):
                 d[secret] = "***"
         return d
