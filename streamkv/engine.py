@@ -143,6 +143,10 @@ class StreamKVEngine:
             self._count("retrieve_errors")
             log.error("retrieve failed; treated as a miss", error=repr(future.exception()))
             handle.cancel()
+        # break handle -> future -> callbacks -> handle, so a finished handle (and its
+        # sink, often tens of MB) is freed by reference counting, not a later GC pass
+        handle.future = None
+        handle._release = None
 
     # -- store -----------------------------------------------------------------
     def store_kv(self, tokens: Any, source: LayerSource) -> Future[int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Callable, TextIO
 
 import structlog
 from opentelemetry import trace
@@ -29,8 +30,22 @@ def add_trace_context(logger: WrappedLogger, method: str, event_dict: EventDict)
     return event_dict
 
 
-def configure_logging(log_format: str = "console", level: str = "warning", force: bool = True) -> None:
-    """Configure structlog for streamkv (``force=False``: only if nothing else did)."""
+def _logger_factory(stream: TextIO | None) -> Callable[..., structlog.PrintLogger]:
+    """Loggers on ``stream``, or on whatever ``sys.stderr`` is when a line is logged.
+
+    Looked up per logger, not once: binding the ``sys.stderr`` of configure
+    time breaks every later line once that stream is closed (a test's capture,
+    a daemon's redirected stderr)."""
+    def make(*args: object) -> structlog.PrintLogger:
+        return structlog.PrintLogger(file=stream if stream is not None else sys.stderr)
+    return make
+
+
+def configure_logging(log_format: str = "console", level: str = "warning", force: bool = True,
+                      stream: TextIO | None = None) -> None:
+    """Configure structlog for streamkv (``force=False``: only if nothing else did).
+
+    ``stream`` defaults to stderr, so logs never mix with a command's output."""
     if not force and structlog.is_configured():
         return
     renderer = (
@@ -47,6 +62,6 @@ def configure_logging(log_format: str = "console", level: str = "warning", force
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_logger_factory(stream),
         cache_logger_on_first_use=False,
     )

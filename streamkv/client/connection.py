@@ -20,6 +20,7 @@ from anyio.abc import ByteStream
 from streamkv.errors import StreamKVError
 from streamkv.server.protocol import PROTOCOL_VERSION, FrameReader, ProtocolError, pack
 from streamkv.server.shm import ShmAttachments
+from streamkv.telemetry import inject_traceparent
 
 
 class DaemonUnavailable(StreamKVError):
@@ -135,6 +136,7 @@ class Connection:
     async def call(self, op: str, **args: Any) -> Any:
         """Send one request and return its result; DaemonError for an answered error."""
         message = {"op": op, **args}
+        inject_traceparent(message)  # W3C traceparent: the daemon's spans join the caller's trace
         if self.releases:
             freed = []
             while self.releases and len(freed) < 4096:

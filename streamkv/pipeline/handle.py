@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future
-from typing import Callable
+from typing import Any, Callable
 
 
 class RetrieveHandle:
@@ -33,9 +33,12 @@ class RetrieveHandle:
         self.stall_s = [0.0] * num_layers
         self.future: Future[None] | None = None
         self.cancelled = False
+        self.trace: Any = None  # a telemetry RetrieveRecorder when telemetry is on (streamkv.telemetry)
 
     # -- producer side -------------------------------------------------------
     def set_hit(self, chunks: int) -> None:
+        if self.trace is not None:
+            self.trace.hit_known(chunks)
         with self._lock:
             self._hit_chunks = chunks
             self._valid_chunks = min(self._valid_chunks, chunks)
@@ -52,6 +55,8 @@ class RetrieveHandle:
 
     def layer_done(self, layer: int, delivered_chunks: int | None = None) -> None:
         """The producer is finished with ``layer``; it is complete only if every hit chunk arrived."""
+        if self.trace is not None:
+            self.trace.layer_ready(layer)
         if delivered_chunks is not None and delivered_chunks < self._hit_chunks:
             with self._lock:
                 self._layer_ok[layer] = False
@@ -84,7 +89,10 @@ class RetrieveHandle:
         """Block until ``layer``'s KV for the whole hit is in place; False if it cannot be."""
         start = time.perf_counter()
         ok = self._done[layer].wait(self.wait_timeout_s if timeout is None else timeout)
-        self.stall_s[layer] += time.perf_counter() - start
+        end = time.perf_counter()
+        self.stall_s[layer] += end - start
+        if self.trace is not None:
+            self.trace.layer_waited(layer, start, end, ok)
         if not ok:  # the producer is stuck: give up on this layer and the whole hit
             self.chunk_failed(0, layer)
             return False

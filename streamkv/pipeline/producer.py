@@ -22,6 +22,7 @@ from streamkv.pipeline.handle import RetrieveHandle
 from streamkv.pipeline.sink import LayerSink
 from streamkv.store.base import Store, gather
 from streamkv.store.limits import Limits
+from streamkv.telemetry.scope import suppress_tier_spans
 
 log = structlog.get_logger(__name__)
 
@@ -43,7 +44,8 @@ class LayerwiseProducer:
 
     async def release(self, layer: int) -> None:
         """Free a slot once the consumer has taken ``layer`` (scheduled onto the loop)."""
-        del layer
+        if self.handle.trace is not None:
+            self.handle.trace.layer_taken(layer)
         self.slots.release()
 
     def _failed(self, kind: str, chunk: int, layer: int, why: str) -> None:
@@ -87,6 +89,7 @@ class LayerwiseProducer:
     async def _read_layers(self) -> None:
         if not self.headers:
             return
+        suppress_tier_spans()  # chunks x layers section reads: the layer spans carry their timing
         async with anyio.create_task_group() as tg:
             for layer in range(self.layout.num_layers):
                 await self.slots.acquire()
@@ -95,6 +98,8 @@ class LayerwiseProducer:
                 tg.start_soon(self._read_layer, layer)
 
     async def _read_layer(self, layer: int) -> None:
+        if self.handle.trace is not None:
+            self.handle.trace.layer_fetch(layer)
         live = self.handle.live_chunks()
         await gather([lambda c=c: self._read_section(c, layer) for c in range(live)])
         finish = getattr(self.sink, "finish_layer", None)  # device sinks record the layer's event

@@ -33,6 +33,7 @@ from streamkv.store.limits import Limits
 from streamkv.store.tiered import TieredStore
 from streamkv.store.base import Store
 from streamkv.store.memory import MemoryStore
+from streamkv.telemetry import Telemetry
 
 log = structlog.get_logger(__name__)
 MAX_CONNECTIONS = 512
@@ -160,6 +161,9 @@ class Daemon:
             async with anyio.create_task_group() as background:
                 self.store = DaemonTieredStore(tiers, write_policy=self.config.write_policy,
                                                promote=self.config.promote_on_hit, background=background)
+                # tier spans, as children of the engine's request spans (the daemon serves
+                # its own Prometheus endpoint, so none is bound here)
+                self.store.telemetry = Telemetry.from_config(self.config.replace(metrics_port=None))
                 async with anyio.create_task_group() as connections:
                     for listener in listeners:
                         connections.start_soon(self._accept, listener, connections)

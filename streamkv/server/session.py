@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import anyio
 import structlog
 from anyio.abc import SocketAttribute, SocketStream
+from opentelemetry import context as otel_context
 
 from streamkv import control
 from streamkv.server.protocol import PROTOCOL_VERSION, MAX_FRAME, FrameReader, PeerClosed, ProtocolError, field, pack
 from streamkv.server.shm import Region
 from streamkv.store.base import gather
 from streamkv.store.memory import MemoryStore
+from streamkv.telemetry import extract_context
 
 if TYPE_CHECKING:
     from streamkv.server.daemon import Daemon
@@ -45,6 +47,9 @@ def peer_uid(stream: SocketStream) -> int | None:
         return struct.unpack("3i", raw)[1]
     except Exception:
         return None
+
+
+TRACE_FIELDS = ("traceparent", "tracestate")
 
 
 class Session:
@@ -133,12 +138,15 @@ class Session:
         self.daemon.counters["requests"] += 1
         if handler is None:
             return {"id": rid, "ok": False, "error": f"unknown op {op!r}"}
+        token = otel_context.attach(extract_context({k: message[k] for k in TRACE_FIELDS if k in message}))
         try:
             result = await handler(message)
         except ProtocolError:
             raise
         except (ValueError, TypeError, KeyError) as exc:  # a bad argument, answered, not fatal
             return {"id": rid, "ok": False, "error": str(exc)}
+        finally:
+            otel_context.detach(token)
         reply = {"id": rid, "ok": True, "result": result}
         if self.staging is not None:
             reply["staging"] = self.staging.as_wire()
