@@ -15,6 +15,7 @@ with the GPU.
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -64,7 +65,7 @@ class CpuStream:
         return f"CpuStream({self.name!r})"
 
 
-class Device:
+class Device(ABC):
     """Copy / record / wait over one torch device. Subclasses: CPU, CUDA, ROCm."""
 
     kind: str = "abstract"
@@ -75,38 +76,38 @@ class Device:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.torch_device})"
 
-    def new_stream(self, *, high_priority: bool = False) -> Any:
-        raise NotImplementedError
+    @abstractmethod
+    def new_stream(self, *, high_priority: bool = False) -> Any: ...
 
-    def current_stream(self) -> Any:
-        raise NotImplementedError
+    @abstractmethod
+    def current_stream(self) -> Any: ...
 
+    @abstractmethod
     def use_stream(self, stream: Any) -> contextlib.AbstractContextManager[Any]:
         """Context in which torch ops (and the kernels) are enqueued on ``stream``."""
-        raise NotImplementedError
 
-    def new_event(self) -> LayerEvent:
-        raise NotImplementedError
+    @abstractmethod
+    def new_event(self) -> LayerEvent: ...
 
+    @abstractmethod
     def copy_async(self, dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None:
         """``dst.copy_(src)`` ordered on ``stream``; may return before the bytes moved."""
-        raise NotImplementedError
 
+    @abstractmethod
     def record(self, event: LayerEvent, stream: Any) -> None:
         """Mark ``event`` done once all work enqueued so far on ``stream`` is done."""
-        raise NotImplementedError
 
+    @abstractmethod
     def wait(self, event: LayerEvent, stream: Any | None = None, timeout: float | None = None) -> bool:
         """Order ``stream`` (default: current) after ``event``; False if it failed or timed out."""
-        raise NotImplementedError
 
+    @abstractmethod
     def is_complete(self, event: LayerEvent) -> bool:
         """Non-blocking: has the work behind ``event`` finished?"""
-        raise NotImplementedError
 
+    @abstractmethod
     def host_wait(self, event: LayerEvent, timeout: float | None = None) -> bool:
         """Block this thread until the work is finished (writer threads, never the forward)."""
-        raise NotImplementedError
 
     def empty_host(self, nbytes: int) -> torch.Tensor:
         """A host byte buffer that the device can copy from/to asynchronously (pinned on GPU)."""
