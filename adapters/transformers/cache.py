@@ -8,6 +8,7 @@ tokens as usual: layer ``l+1`` keeps streaming while layer ``l`` computes."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from streamkv.errors import LayoutMismatch, RetrieveFailed
 from streamkv.layout import KVLayout
 from streamkv.pipeline.handle import RetrieveHandle
+from streamkv.pipeline.sink import ChunkViewSink
 
 _TORCH_RAW = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
@@ -30,6 +32,21 @@ def layer_tensors(array: np.ndarray, layout: KVLayout, device: torch.device) -> 
     raw = torch.from_numpy(array.view(np.dtype(f"i{layout.itemsize}")))
     kv = raw.view(torch_dtype(layout.dtype)).to(device, non_blocking=True)
     return kv[0].permute(1, 0, 2).unsqueeze(0), kv[1].permute(1, 0, 2).unsqueeze(0)
+
+
+def section_planes(sections: list[np.ndarray], layout: KVLayout,
+                   device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Chunk sections ``[2, C, H, D]`` (raw width) as K and V views ``[H, C, D]`` per chunk."""
+    dtype = torch_dtype(layout.dtype)
+    raw = np.dtype(f"i{layout.itemsize}")
+    keys, values = [], []
+    with warnings.catch_warnings():  # disk/S3 reads are read-only bytes; they are only read here
+        warnings.simplefilter("ignore", UserWarning)
+        for section in sections:
+            kv = torch.from_numpy(section.view(raw)).view(dtype).to(device, non_blocking=True)
+            keys.append(kv[0].permute(1, 0, 2))
+            values.append(kv[1].permute(1, 0, 2))
+    return keys, values
 
 
 def host_planes(keys: torch.Tensor, values: torch.Tensor, tokens: int) -> list[np.ndarray]:
@@ -57,14 +74,20 @@ class StreamedLayer(DynamicLayer):
         return super().get_seq_length()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        if self._pending:
-            if not self._handle.wait(self._layer):
-                raise RetrieveFailed(self._layer, self._handle.valid_tokens)
-            sink = self._handle.sink  # type: ignore[attr-defined]
-            k, v = layer_tensors(sink.layers[self._layer], self._layout, key_states.device)
-            self.lazy_initialization(key_states, value_states)
-            self.keys, self.values = k, v
-            self._pending = False
+        if not self._pending:
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self._handle.wait(self._layer):
+            raise RetrieveFailed(self._layer, self._handle.valid_tokens)
+        self._pending = False
+        self.lazy_initialization(key_states, value_states)
+        sink = self._handle.sink  # type: ignore[attr-defined]
+        if isinstance(sink, ChunkViewSink):
+            # one copy: the streamed sections and the new tokens, straight into the cache tensor
+            planes = section_planes(sink.layer_sections(self._layer), self._layout, key_states.device)
+            self.keys = torch.cat([*planes[0], key_states[0]], dim=1).unsqueeze(0)
+            self.values = torch.cat([*planes[1], value_states[0]], dim=1).unsqueeze(0)
+            return self.keys, self.values
+        self.keys, self.values = layer_tensors(sink.layers[self._layer], self._layout, key_states.device)
         return super().update(key_states, value_states, *args, **kwargs)
 
 

@@ -22,6 +22,7 @@ from streamkv.errors import RetrieveFailed
 from streamkv.fingerprint import fingerprint_model
 from streamkv.keys import Namespace, as_token_array
 from streamkv.layout import KVLayout, dtype_name
+from streamkv.pipeline.sink import ChunkViewSink
 from streamkv.adapters.transformers.cache import StreamKVCache, host_planes
 
 log = structlog.get_logger(__name__)
@@ -89,7 +90,7 @@ class CachedModel:
         start = time.perf_counter()
         limit, retries = (n - 1 if reuse else 0), 0
         while True:
-            handle = self.engine.retrieve(ids[0], max_tokens=limit)
+            handle = self.engine.retrieve(ids[0], sink=ChunkViewSink(self.layout), max_tokens=limit)
             cache = StreamKVCache(self.model.config, handle, self.layout)
             hit = handle.hit_tokens
             try:
@@ -140,7 +141,7 @@ class CachedModel:
     def hf_generate(self, input_ids: Any, store: bool = True, **kwargs: Any) -> torch.Tensor:
         """``model.generate`` with the streamed cache as ``past_key_values``."""
         ids = self._prompt(input_ids)
-        handle = self.engine.retrieve(ids[0], max_tokens=ids.shape[1] - 1)
+        handle = self.engine.retrieve(ids[0], sink=ChunkViewSink(self.layout), max_tokens=ids.shape[1] - 1)
         cache = StreamKVCache(self.model.config, handle, self.layout)
         try:
             out = self.model.generate(ids, past_key_values=cache, **kwargs)

@@ -42,3 +42,29 @@ class HostKVSink:
             self.layers[layer][lo:hi] = src
         else:
             self.layers[layer][:, lo:hi] = src
+
+
+class ChunkViewSink:
+    """Each verified section kept as it arrived: a zero-copy view of a memory-tier object,
+    or the buffer a disk/S3 read filled. The consumer assembles a layer with one copy
+    straight into its own cache tensor, instead of a copy here and another there.
+
+    Memory-tier buffers are never reused, so a view stays valid after eviction."""
+
+    def __init__(self, layout: KVLayout) -> None:
+        self.layout = layout
+        self.sections: list[list[np.ndarray | None]] = []
+
+    def begin(self, hit_chunks: int) -> None:
+        self.sections = [[None] * hit_chunks for _ in range(self.layout.num_layers)]
+
+    def write(self, layer: int, chunk: int, raw: memoryview) -> None:
+        lay = self.layout
+        self.sections[layer][chunk] = np.frombuffer(raw, dtype=lay.raw_numpy_dtype).reshape(lay.section_shape)
+
+    def layer_sections(self, layer: int) -> list[np.ndarray]:
+        """The chunks' sections of ``layer`` in order (``[2, C, H, D]`` each, or ``[C, D]``)."""
+        parts = self.sections[layer]
+        if any(p is None for p in parts):
+            raise ValueError(f"layer {layer} is incomplete")
+        return parts  # type: ignore[return-value]
