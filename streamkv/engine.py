@@ -131,10 +131,10 @@ class StreamKVEngine:
         producer = LayerwiseProducer(self.store, keys, self.layout, self.namespace, handle, sink,
                                      self.limits, self.config.max_inflight_layers, self.counters)
         handle._release = lambda layer: self.runtime.submit(producer.release, layer)
-        handle.future = self.runtime.submit(self.telemetry.bind(producer.run, rec.context if rec else None))
-        handle.future.add_done_callback(lambda f: self._after_retrieve(f, handle))
+        handle.future = future = self.runtime.submit(self.telemetry.bind(producer.run, rec.context if rec else None))
         if rec is not None:
-            handle.future.add_done_callback(rec.producer_done)
+            future.add_done_callback(rec.producer_done)
+        future.add_done_callback(lambda f: self._after_retrieve(f, handle))
         self._count("retrieves")
         return handle
 

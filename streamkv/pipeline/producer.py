@@ -101,24 +101,31 @@ class LayerwiseProducer:
         if self.handle.trace is not None:
             self.handle.trace.layer_fetch(layer)
         live = self.handle.live_chunks()
-        await gather([lambda c=c: self._read_section(c, layer) for c in range(live)])
+        stored = await gather([lambda c=c: self._fetch_section(c, layer) for c in range(live)])
+        # one worker-thread hop per layer, not per section: on a small CPU the hops cost
+        # more than the checksums
+        failures = await anyio.to_thread.run_sync(self._deliver_layer, layer, stored,
+                                                  limiter=self.limits.limiter("codec"))
+        for kind, chunk, why in failures:
+            self._failed(kind, chunk, layer, why)
         finish = getattr(self.sink, "finish_layer", None)  # device sinks record the layer's event
         if finish is not None:
             finish(layer)
         self.handle.layer_done(layer, live)
 
-    async def _read_section(self, chunk: int, layer: int) -> None:
-        header = self.headers[chunk]
-        parts = await self.store.get_ranges(self.keys[chunk], [header.section_range(layer)])
-        if parts is None:
-            self._failed("missing", chunk, layer, "section could not be read")
-            return
-        try:
-            await anyio.to_thread.run_sync(self._deliver, header, chunk, layer, parts[0],
-                                           limiter=self.limits.limiter("codec"))
-        except FormatError as exc:
-            self._failed("corrupt", chunk, layer, f"{type(exc).__name__}: {exc}")
+    async def _fetch_section(self, chunk: int, layer: int) -> memoryview | None:
+        parts = await self.store.get_ranges(self.keys[chunk], [self.headers[chunk].section_range(layer)])
+        return None if parts is None else parts[0]
 
-    def _deliver(self, header: ChunkHeader, chunk: int, layer: int, stored: memoryview) -> None:
-        raw = decode_section(header, layer, stored)
-        self.sink.write(layer, chunk, raw)
+    def _deliver_layer(self, layer: int, stored: list[memoryview | None]) -> list[tuple[str, int, str]]:
+        """Verify and hand over one layer's sections; returns (kind, chunk, why) per failure."""
+        failures = []
+        for chunk, data in enumerate(stored):
+            if data is None:
+                failures.append(("missing", chunk, "section could not be read"))
+                continue
+            try:
+                self.sink.write(layer, chunk, decode_section(self.headers[chunk], layer, data))
+            except FormatError as exc:
+                failures.append(("corrupt", chunk, f"{type(exc).__name__}: {exc}"))
+        return failures
