@@ -1,0 +1,1 @@
+"""vLLM connector tests (run in .venv-vllm)."""
