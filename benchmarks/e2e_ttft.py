@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -30,19 +29,9 @@ from streamkv.adapters.transformers.cache import layer_tensors
 from streamkv.adapters.transformers.smollm2 import load_smollm2
 from streamkv.config import StreamKVConfig
 from streamkv.fingerprint import fingerprint_model
+from streamkv.store.disk import drop_page_cache
 
 SUFFIX = 32
-
-
-def drop_page_cache(root: Path) -> None:
-    """Ask the kernel to forget cached pages of every chunk file (clean pages only)."""
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 @torch.inference_mode()

@@ -41,6 +41,7 @@ from streamkv.config import StreamKVConfig
 from streamkv.engine import StreamKVEngine
 from streamkv.keys import Namespace
 from streamkv.layout import KVLayout
+from streamkv.store.disk import drop_page_cache
 from streamkv.pipeline import paged
 from streamkv.pipeline.device import Device, select_device
 from streamkv.pipeline.staging import PagedPoolSink, StagingRing
@@ -94,13 +95,7 @@ class Bench:
 
     def cold(self) -> None:
         """Drop the disk tier's files from the page cache (no effect on the memory tier)."""
-        for root, _, files in os.walk(self.workdir / "disk"):
-            for name in files:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
+        drop_page_cache(self.workdir / "disk", sync=False)
 
     def clear_pool(self) -> None:
         for k, v in self.pool:

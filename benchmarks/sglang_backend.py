@@ -34,6 +34,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from streamkv.store.disk import drop_page_cache
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import torch
@@ -118,18 +120,6 @@ def set_v1(backend: Any, pool: Any, keys: list[str], idx: torch.Tensor) -> bool:
 def get_v1(backend: Any, pool: Any, keys: list[str], idx: torch.Tensor) -> int:
     ok = backend.batch_get_v1(keys, idx, None)
     return ok.index(False) if False in ok else len(ok)
-
-
-def drop_page_cache(root: Path) -> None:
-    """fsync and evict our own files from the page cache, so reads come from the device."""
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def batches(n: int) -> list[slice]:

@@ -19,6 +19,8 @@ from typing import Any, Awaitable, Callable, Sequence
 import anyio
 import numpy as np
 
+from streamkv.store.disk import drop_page_cache
+
 MB = 1e6
 ALIGN = 4096
 Job = Callable[[], Awaitable[Any]]
@@ -93,13 +95,7 @@ def _odirect_read(path: Path, buf: mmap.mmap, n: int, offset: int = 0) -> None:
 def drop_cache(root: Path) -> None:
     """Write back, then drop these files from the page cache, so reads come from the device."""
     os.sync()
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    drop_page_cache(root, sync=False)
 
 
 class ODirect:

@@ -244,3 +244,17 @@ class DiskStore(Store):
             "capacity_bytes": self.capacity_bytes,
             "root": str(self.root),
         }
+
+
+def drop_page_cache(root: str | os.PathLike, sync: bool = True) -> None:
+    """Write back, then evict every file under ``root`` from the page cache, so the next
+    reads come from the device (cold-read benchmarks; touches only these files)."""
+    for path in Path(root).rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if sync:
+                    os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
