@@ -35,6 +35,7 @@ class StreamKVConfig:
     disk_dir: str = field(default_factory=lambda: str(default_cache_dir() / "disk"))
     disk_gb: float = 20.0
     disk_fsync: bool = False
+    disk_mmap_reads: bool = True
     s3_url: str | None = None
     s3_endpoint: str | None = None
     s3_region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1

@@ -145,8 +145,8 @@ class StreamKVEngine:
             handle.cancel()
         # break handle -> future -> callbacks -> handle, so a finished handle (and its
         # sink, often tens of MB) is freed by reference counting, not a later GC pass
+        # (the handle drops its release hook, the other cycle, after the last layer)
         handle.future = None
-        handle._release = None
 
     # -- store -----------------------------------------------------------------
     def store_kv(self, tokens: Any, source: LayerSource) -> Future[int]:

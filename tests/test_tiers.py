@@ -184,3 +184,14 @@ def test_write_back_demotes_down_every_tier(tmp_path: Path) -> None:
             assert await bottom.exists(key(0)) and await bottom.exists(key(1))
             assert mem.used_bytes <= 2000 and disk.used_bytes <= 2000
     run(go)
+
+
+def test_disk_sees_objects_another_process_wrote(tmp_path: Path) -> None:
+    """Two DiskStores on one directory (two engine processes): each sees the other's new objects."""
+    async def go() -> None:
+        a, b = DiskStore(tmp_path, 1 << 20), DiskStore(tmp_path, 1 << 20)
+        await a.put(key(1), b"shared" * 100)
+        assert await b.exists_many([key(1), key(2)]) == [True, False]
+        assert bytes(await b.get(key(1))) == b"shared" * 100
+        assert [bytes(p) for p in await b.get_ranges(key(1), [(0, 6)])] == [b"shared"]
+    run(go)

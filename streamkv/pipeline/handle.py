@@ -98,6 +98,8 @@ class RetrieveHandle:
             return False
         if self._release is not None:
             self._release(layer)
+            if layer == self.num_layers - 1:
+                self._release = None  # the last one: drop the hook (it references the producer)
         with self._lock:
             return self._layer_ok[layer]
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import anyio
 import structlog
 
-from streamkv.format import FormatError, decode_section, header_size, parse_header, ChunkHeader
+from streamkv.format import FormatError, NamespaceMismatch, decode_section, header_size, parse_header, ChunkHeader
 from streamkv.keys import Namespace
 from streamkv.layout import KVLayout
 from streamkv.pipeline.handle import RetrieveHandle
@@ -78,6 +78,8 @@ class LayerwiseProducer:
                 self.counters["retrieve_corrupt"] = self.counters.get("retrieve_corrupt", 0) + 1
                 log.warning("chunk header unusable; hit cut short", chunk=i, key=self.keys[i],
                             error=type(exc).__name__, why=str(exc))
+                if not isinstance(exc, NamespaceMismatch):  # never delete another model's object
+                    await self._drop(i)
                 break
             if header.num_tokens != self.layout.chunk_size:
                 break
@@ -108,10 +110,19 @@ class LayerwiseProducer:
                                                   limiter=self.limits.limiter("codec"))
         for kind, chunk, why in failures:
             self._failed(kind, chunk, layer, why)
+            if kind == "corrupt":
+                await self._drop(chunk)
         finish = getattr(self.sink, "finish_layer", None)  # device sinks record the layer's event
         if finish is not None:
             finish(layer)
         self.handle.layer_done(layer, live)
+
+    async def _drop(self, chunk: int) -> None:
+        """Delete an object that failed verification, so lookups stop reporting it as a hit."""
+        try:
+            await self.store.delete(self.keys[chunk])
+        except Exception as exc:  # a failing tier: the next read is a miss anyway
+            log.warning("could not delete a corrupt chunk", key=self.keys[chunk], error=repr(exc))
 
     async def _fetch_section(self, chunk: int, layer: int) -> memoryview | None:
         parts = await self.store.get_ranges(self.keys[chunk], [self.headers[chunk].section_range(layer)])

@@ -15,7 +15,8 @@ def build_tiers(config: StreamKVConfig, limits: Limits) -> list[Store]:
         if name == "memory":
             tiers.append(MemoryStore(config.memory_bytes))
         elif name == "disk":
-            tiers.append(DiskStore(config.disk_dir, config.disk_bytes, fsync=config.disk_fsync, limits=limits))
+            tiers.append(DiskStore(config.disk_dir, config.disk_bytes, fsync=config.disk_fsync, limits=limits,
+                                   mmap_reads=config.disk_mmap_reads))
         elif name == "s3":
             from streamkv.store.s3 import S3Store  # needs the s3 extra
 
