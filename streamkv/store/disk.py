@@ -41,14 +41,14 @@ def _read_file(path: Path) -> np.ndarray | None:
                     return None
                 got += n
             return buf
-    except FileNotFoundError:
+    except OSError:  # missing, or a failing disk: a miss
         return None
 
 
 def _read_ranges(path: Path, ranges: Sequence[ByteRange]) -> list[bytes] | None:
     try:
         fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+    except OSError:  # missing, or a failing disk: a miss
         return None
     try:
         out = []
@@ -69,7 +69,7 @@ def _map_ranges(path: Path, ranges: Sequence[ByteRange]) -> list[memoryview] | N
     inode) and eviction unlinks it, neither of which touches pages already mapped."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+    except OSError:  # missing, or a failing disk: a miss
         return None
     try:
         size = os.fstat(fd).st_size
@@ -247,7 +247,7 @@ class DiskStore(Store):
             return True
         try:
             size = os.stat(self._path(key)).st_size
-        except FileNotFoundError:
+        except OSError:  # missing, or a failing disk: not here
             return False
         self._index[key] = size
         self.used_bytes += size
