@@ -78,8 +78,13 @@ def _map_ranges(path: Path, ranges: Sequence[ByteRange]) -> list[memoryview] | N
         mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
     finally:
         os.close(fd)
-    for off, n in ranges:
-        mapped.madvise(mmap.MADV_WILLNEED, off - off % mmap.PAGESIZE, n + off % mmap.PAGESIZE)
+    if ranges and ranges[0][0] == 0:
+        # a read from offset 0 is a header: a layer-wise retrieve of this object starts, so
+        # let the kernel read the whole file ahead (its I/O, not our CPU) while layers stream
+        mapped.madvise(mmap.MADV_WILLNEED)
+    else:
+        for off, n in ranges:
+            mapped.madvise(mmap.MADV_WILLNEED, off - off % mmap.PAGESIZE, n + off % mmap.PAGESIZE)
     view = memoryview(mapped)
     return [view[off : off + n] for off, n in ranges]
 
