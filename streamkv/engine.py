@@ -124,10 +124,18 @@ class StreamKVEngine:
         keys = self.keys(tokens)
         if max_tokens is not None:
             keys = keys[: max(0, max_tokens) // self.layout.chunk_size]
+        return self.retrieve_keys(keys, sink, prompt=tokens)
+
+    def retrieve_keys(self, keys: Sequence[str], sink: LayerSink | None = None, prompt: Any = None) -> RetrieveHandle:
+        """``retrieve`` for chunk keys an adapter already holds (vLLM's scheduler computes
+        them per rank); ``prompt`` (the tokens, if known) only sizes the telemetry."""
+        keys = list(keys)
+        if prompt is None:
+            prompt = range(len(keys) * self.layout.chunk_size)
         sink = sink if sink is not None else HostKVSink(self.layout)
         handle = RetrieveHandle(self.layout.num_layers, self.layout.chunk_size, len(keys))
         handle.sink = sink  # type: ignore[attr-defined]
-        handle.trace = rec = retrieve_recorder(self.telemetry, handle, tokens, self.namespace.id, self.counters)
+        handle.trace = rec = retrieve_recorder(self.telemetry, handle, prompt, self.namespace.id, self.counters)
         producer = LayerwiseProducer(self.store, keys, self.layout, self.namespace, handle, sink,
                                      self.limits, self.config.max_inflight_layers, self.counters)
         handle._release = lambda layer: self.runtime.submit(producer.release, layer)

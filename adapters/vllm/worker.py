@@ -24,7 +24,6 @@ from streamkv.engine import StreamKVEngine
 from streamkv.layout import KVLayout
 from streamkv.pipeline.handle import RetrieveHandle
 from streamkv.pipeline.paged import gather_pages
-from streamkv.pipeline.producer import LayerwiseProducer
 
 from streamkv.adapters.vllm.metadata import LoadSpec, SaveSpec, StreamKVConnectorMetadata, StreamKVWorkerMetadata
 from streamkv.adapters.vllm.paged_layout import (
@@ -39,19 +38,6 @@ from streamkv.adapters.vllm.sink import PagedSink
 from streamkv.adapters.vllm.stats import StepStats
 
 log = structlog.get_logger(__name__)
-
-
-def retrieve_keys(engine: StreamKVEngine, keys: list[str], sink: PagedSink) -> RetrieveHandle:
-    """``engine.retrieve`` for keys the scheduler already computed (per TP rank).
-
-    A thin private stand-in until the engine offers a key-level retrieve."""
-    layout = engine.layout
-    handle = RetrieveHandle(layout.num_layers, layout.chunk_size, len(keys))
-    producer = LayerwiseProducer(engine.store, keys, layout, engine.namespace, handle, sink,
-                                 engine.limits, engine.config.max_inflight_layers, engine.counters)
-    handle._release = lambda layer: engine.runtime.submit(producer.release, layer)
-    handle.future = engine.runtime.submit(producer.run)
-    return handle
 
 
 @dataclass
@@ -126,7 +112,7 @@ class WorkerSide:
         self._wait_pending_writes(spec.rank_keys[self.tp_rank])
         sink = PagedSink(self.layout, self.pages, self._kernel_blocks(spec.block_ids), spec.first_chunk,
                          spec.start, spec.end)
-        handle = retrieve_keys(self.engine, spec.rank_keys[self.tp_rank], sink)
+        handle = self.engine.retrieve_keys(spec.rank_keys[self.tp_rank], sink)
         return _Load(spec, sink, handle, time.perf_counter())
 
     def start_load_kv(self, meta: StreamKVConnectorMetadata) -> None:
