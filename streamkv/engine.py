@@ -11,6 +11,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import Any, Sequence
 
+import anyio
 import numpy as np
 import structlog
 
@@ -198,8 +199,6 @@ class StreamKVEngine:
         return future.result() if wait else future
 
     async def _write_chunks(self, items: list[tuple[str, Any]]) -> int:
-        import anyio
-
         def encode(payload: Any) -> bytearray:
             raw = memoryview(payload).cast("B")
             n = self.layout.section_bytes
@@ -234,8 +233,6 @@ class StreamKVEngine:
         return out
 
     async def _read_chunks(self, keys: list[str]) -> list[np.ndarray | None]:
-        import anyio
-
         objects = await self.store.get_many(keys)
 
         def decode(obj: Any, key: str) -> np.ndarray | None:
