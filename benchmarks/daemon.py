@@ -120,7 +120,7 @@ def _ping_async(sock: str, n: int) -> list[float]:
     return anyio.run(go)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def measure(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--kv-heads", type=int, default=3)
@@ -193,6 +193,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2))
     return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    measure(argv)
+    return 0
 
 
 if __name__ == "__main__":

@@ -313,3 +313,66 @@ def test_sigterm_flushes_write_back_and_removes_the_socket(fresh_root: Path) -> 
             assert all(np.array_equal(a, b) for a, b in zip(layers, expected_prefix(51, 3, 48)))
     finally:
         d.stop()
+
+
+def test_puts_go_into_the_memory_tier_by_reference(daemon: DaemonProcess) -> None:
+    with daemon.client() as c:
+        before = c.stats()["counters"]
+    with engine(daemon.socket) as eng:
+        assert store(eng, 61, 3) == 3
+        eng.flush()
+        hit, layers = retrieve(eng, 61, 3)
+        assert hit == 48 and layers is not None
+        assert all(np.array_equal(a, b) for a, b in zip(layers, expected_prefix(61, 3, 48)))
+    with daemon.client() as c:
+        after = c.stats()["counters"]
+    grew = after.get("bytes_in_by_reference", 0) - before.get("bytes_in_by_reference", 0)
+    assert grew >= 3 * LAYOUT.chunk_bytes  # the encoded objects, written once, into the tier
+    assert after["bytes_in"] - before["bytes_in"] == grew  # nothing went through staging
+    assert verify_every_object(daemon.socket) > 0
+
+
+def test_alloc_and_commit_protocol_refuses_what_was_not_allocated(daemon: DaemonProcess) -> None:
+    from streamkv.client.connection import Connection, Endpoint
+    from streamkv.server.shm import ShmAttachments
+
+    async def go() -> None:
+        attachments = ShmAttachments()
+        conn = await Connection.open(Endpoint(socket=daemon.socket), attachments)
+        try:
+            assert conn.put_by_reference
+            regions = await conn.call("alloc", sizes=[100, 5000, 7])
+            assert [r[2] for r in regions] == [100, 5000, 7]
+            conn.write_regions(regions[:2], [memoryview(b"a" * 100), memoryview(b"b" * 5000)])
+            key_a, key_b, key_c = (f"{NS_ID}/byref{i}" for i in range(3))
+            flags = await conn.call("commit", items=[[key_a, *regions[0][:2]], [key_b, *regions[1][:2]],
+                                                     [key_c, regions[2][0], regions[2][1] + 4096]],
+                                    discard=[regions[2][:2]])
+            assert flags == [True, True, False]  # the third region was never allocated there
+            # a region is committed once: again is refused, and so is one given back
+            assert await conn.call("commit", items=[[key_c, *regions[0][:2]], [key_c, *regions[2][:2]]]) == [False, False]
+            got = await conn.call("exists", keys=[key_a, key_b, key_c])
+            assert got == [True, True, False]
+        finally:
+            await conn.aclose()
+            attachments.close()
+        store_ = DaemonStore(daemon.socket)
+        assert bytes(await store_.get(key_a)) == b"a" * 100 and bytes(await store_.get(key_b)) == b"b" * 5000
+        await store_.delete_many([key_a, key_b])
+        await store_.aclose()
+    anyio.run(go)
+
+
+def test_puts_through_staging_when_the_daemon_has_no_memory_tier(fresh_root: Path) -> None:
+    d = DaemonProcess(fresh_root, "--tiers", "disk").start()
+    try:
+        with engine(d.socket) as eng:
+            assert store(eng, 62, 2) == 2
+            eng.flush()
+            hit, layers = retrieve(eng, 62, 2)
+            assert hit == 32 and layers is not None
+        with d.client() as c:
+            counters = c.stats()["counters"]
+        assert counters["bytes_in"] >= 2 * LAYOUT.chunk_bytes and counters.get("bytes_in_by_reference", 0) == 0
+    finally:
+        d.stop()

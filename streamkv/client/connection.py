@@ -84,6 +84,7 @@ class Connection:
         self.attachments = attachments
         self.staging: tuple[str, int, int] | None = None
         self.daemon_pid: int | None = None
+        self.put_by_reference = False  # the daemon takes objects written into its memory tier
         self._next = 0
         self.broken = False
         self.releases: deque[int] = deque()  # lease ids to free, sent with the next request
@@ -112,6 +113,7 @@ class Connection:
             await conn.aclose()
             raise DaemonRefused(f"{endpoint.describe()}: hello refused ({reply.get('error')})")
         conn.daemon_pid = reply.get("pid")
+        conn.put_by_reference = reply.get("put_by_reference") is True
         conn._set_staging(reply.get("staging"))
         return conn
 
@@ -167,6 +169,17 @@ class Connection:
         finally:
             view.release()
         return spans
+
+    def write_regions(self, regions: Sequence[Any], objects: Sequence[memoryview]) -> None:
+        """Copy each object into the region of the daemon's memory tier allocated for it."""
+        for (seg, off, n), obj in zip(regions, objects):
+            if n != len(obj):
+                raise ProtocolError(f"alloc answered {n} bytes for an object of {len(obj)}")
+            view = self.attachments.view(seg, off, n)
+            try:
+                view[:] = obj
+            finally:
+                view.release()
 
     def read_staging(self, spans: Sequence[Any]) -> list[list[memoryview] | None]:
         """Copy a reply's parts out of staging with one copy (the region is reused by the

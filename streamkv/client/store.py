@@ -292,26 +292,55 @@ class DaemonStore(Store):
             return []
 
         async def fn(conn: Connection) -> list[bool]:
-            results: list[bool] = []
-            i = 0
-            while i < len(objs):
-                group, total = [], 0
-                while i < len(objs) and (not group or total + len(objs[i][1]) <= conn.staging_size):
-                    group.append(objs[i])
-                    total += len(objs[i][1])
-                    i += 1
-                if total > conn.staging_size and not await conn.call("reserve", size=total):
-                    results += [False] * len(group)
-                    continue
-                spans = conn.write_staging([o for _, o in group])
-                flags = await conn.call("put", items=[[k, off, n] for (k, _), (off, n) in zip(group, spans)])
-                results += [bool(f) for f in flags]
-            return results
+            if conn.put_by_reference:
+                return await self._put_by_reference(conn, objs)
+            return await self._put_through_staging(conn, objs)
 
         out = await self._data(fn, [False] * len(objs))
         self.counters.puts += sum(out)
         self.counters.bytes_written += sum(len(o) for (_, o), ok in zip(objs, out) if ok)
         return out
+
+    async def _put_by_reference(self, conn: Connection, objs: list[tuple[str, memoryview]]) -> list[bool]:
+        """Write each object straight into a region of the daemon's memory tier, then commit:
+        one copy in all, as in process. Objects it has no region for go through staging."""
+        regions = await conn.call("alloc", sizes=[len(o) for _, o in objs])
+        if not isinstance(regions, list) or len(regions) != len(objs):
+            raise ProtocolError("alloc reply does not match the request")
+        placed = [i for i, r in enumerate(regions) if isinstance(r, list) and len(r) == 3]
+        try:
+            conn.write_regions([regions[i] for i in placed], [objs[i][1] for i in placed])
+        except (ValueError, ProtocolError):
+            await conn.call("commit", items=[], discard=[regions[i][:2] for i in placed])
+            raise
+        flags = await conn.call("commit", items=[[objs[i][0], *regions[i][:2]] for i in placed])
+        results = [False] * len(objs)
+        for i, flag in zip(placed, flags):
+            results[i] = bool(flag)
+        done = set(placed)
+        rest = [i for i in range(len(objs)) if i not in done]
+        if rest:
+            for i, flag in zip(rest, await self._put_through_staging(conn, [objs[i] for i in rest])):
+                results[i] = flag
+        return results
+
+    async def _put_through_staging(self, conn: Connection, objs: list[tuple[str, memoryview]]) -> list[bool]:
+        """Objects copied back to back into the connection's staging area, a group at a time."""
+        results: list[bool] = []
+        i = 0
+        while i < len(objs):
+            group, total = [], 0
+            while i < len(objs) and (not group or total + len(objs[i][1]) <= conn.staging_size):
+                group.append(objs[i])
+                total += len(objs[i][1])
+                i += 1
+            if total > conn.staging_size and not await conn.call("reserve", size=total):
+                results += [False] * len(group)
+                continue
+            spans = conn.write_staging([o for _, o in group])
+            flags = await conn.call("put", items=[[k, off, n] for (k, _), (off, n) in zip(group, spans)])
+            results += [bool(f) for f in flags]
+        return results
 
     async def delete(self, key: str) -> bool:
         return (await self.delete_many([key]))[0]

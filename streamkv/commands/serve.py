@@ -31,8 +31,8 @@ def register(sub: Any) -> None:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus text metrics on 127.0.0.1:PORT")
     p.add_argument("--shm-gb", type=float, default=1.0, help="shared-memory pool for bulk transfers")
     p.add_argument("--copy-reads", action="store_true",
-                   help="copy every read into the connection's staging area instead of handing out "
-                        "the memory tier's shared-memory objects by reference")
+                   help="copy every read and put through the connection's staging area instead of "
+                        "sharing the memory tier's shared-memory objects with clients by reference")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["console", "json"])
     p.set_defaults(func=run)

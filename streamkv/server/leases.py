@@ -115,3 +115,22 @@ class DaemonTieredStore(TieredStore):
                 await self._later("write_through", self._put_lower, key, held)
                 return True
         return await super().put(key, bytes(data))  # lower tiers write later: they need a copy
+
+    async def adopt(self, key: str, buf: np.ndarray) -> bool:
+        """Store ``buf``, a region of the tier pool a client encoded the object into, as the
+        memory tier's own buffer (no copy); lower tiers get it as ``put`` does."""
+        first = self.tiers[0]
+        if not isinstance(first, ShmMemoryStore):
+            return False
+        span = self.telemetry.tier_span("put", key)
+        stored = first.adopt(key, buf)
+        if span is not None:
+            self.telemetry.end_tier_span(span, first.name, buf.nbytes, "stored" if stored else "refused")
+        if not stored:
+            return False
+        if self.write_policy == "write_through" and len(self.tiers) > 1:
+            await self._later("write_through", self._put_lower, key, memoryview(buf))
+        else:
+            self.counters.puts += 1
+        return True
+

@@ -15,6 +15,7 @@ import struct
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import anyio
+import numpy as np
 import structlog
 from anyio.abc import SocketAttribute, SocketStream
 from opentelemetry import context as otel_context
@@ -22,7 +23,8 @@ from opentelemetry import context as otel_context
 from streamkv import control
 from streamkv.server.protocol import PROTOCOL_VERSION, MAX_FRAME, FrameReader, PeerClosed, ProtocolError, field, pack
 from streamkv.server.shm import Region
-from streamkv.store.base import gather
+from streamkv.server.leases import ShmMemoryStore
+from streamkv.store.base import check_key, gather
 from streamkv.store.memory import MemoryStore
 from streamkv.telemetry import extract_context
 
@@ -35,6 +37,7 @@ SEND_TIMEOUT_S = 30.0
 STAGING_BYTES = 4 << 20
 MAX_REQUEST_BYTES = 1 << 30
 MAX_STAGING_BYTES = 256 << 20  # a get reply larger than this comes back in several requests
+MAX_PENDING_BYTES = 1 << 30  # allocated for puts by reference and not yet committed, per connection
 
 
 def peer_uid(stream: SocketStream) -> int | None:
@@ -63,7 +66,10 @@ class Session:
             "reserve": self.op_reserve, "delete": self.op_delete, "list": self.op_list, "flush": self.op_flush,
             "lookup": self.op_lookup, "pin": self.op_pin, "unpin": self.op_unpin, "clear": self.op_clear,
             "move": self.op_move, "compress": self.op_compress, "health": self.op_health, "stats": self.op_stats,
+            "alloc": self.op_alloc, "commit": self.op_commit,
         }
+        self._pending: dict[tuple[str, int], np.ndarray] = {}  # allocated, not yet committed
+        self._pending_bytes = 0
 
     @property
     def store(self):  # type: ignore[no-untyped-def]
@@ -98,6 +104,7 @@ class Session:
             log.info("connection lost", transport=self.transport, error=repr(exc))
         finally:
             self._free_staging()
+            self._pending.clear()  # uncommitted regions go back to the pool
             self.daemon.leases.orphan(id(self))
             with anyio.CancelScope(shield=True):
                 await self.stream.aclose()
@@ -125,6 +132,7 @@ class Session:
         await self.stream.send(pack({
             "id": hello.get("id"), "ok": True, "version": PROTOCOL_VERSION, "pid": os.getpid(),
             "max_frame": MAX_FRAME, "staging": self.staging.as_wire() if self.staging else None,
+            "put_by_reference": self._puts_by_reference,
         }))
         return True
 
@@ -309,6 +317,62 @@ class Session:
                     log.error("a tier kept a view of the staging area", key=key)
             self.daemon.counters["bytes_in"] += n
         return ok
+
+    # -- puts by reference ------------------------------------------------------
+    @property
+    def _puts_by_reference(self) -> bool:
+        return self.daemon.zero_copy and isinstance(self.store.tiers[0], ShmMemoryStore)
+
+    async def op_alloc(self, m: dict[str, Any]) -> list[Any]:
+        """Regions of the memory tier's pool, one per size, for objects the client writes in
+        place and then ``commit``s: the bytes enter the tier with no copy in the daemon.
+        None for a size that cannot be had now (the client sends that one through staging)."""
+        sizes = field(m, "sizes", list)
+        if not all(isinstance(n, int) and 0 < n <= MAX_REQUEST_BYTES for n in sizes):
+            raise ProtocolError("alloc sizes are positive byte counts")
+        out: list[Any] = []
+        for n in sizes:
+            arr = None
+            if self._puts_by_reference and self._pending_bytes + n <= MAX_PENDING_BYTES:
+                arr = self.daemon.tier_shm.array(n)
+            where = None if arr is None else self.daemon.tier_shm.locate(arr)
+            if where is None:
+                out.append(None)
+                continue
+            self._pending[where] = arr
+            self._pending_bytes += n
+            out.append([where[0], where[1], n])
+        return out
+
+    async def op_commit(self, m: dict[str, Any]) -> list[bool]:
+        """``items``: ``[key, segment, offset]`` of allocated regions the client has filled;
+        ``discard``: ``[segment, offset]`` of regions it gives back unused."""
+        items = field(m, "items", list)
+        discard = m.get("discard") or []
+        shapes = [(item, (str, str, int)) for item in items] + [(item, (str, int)) for item in discard]
+        for item, types in shapes:
+            if (not isinstance(item, list) or len(item) != len(types)
+                    or not all(isinstance(x, t) for x, t in zip(item, types))):
+                raise ProtocolError("commit items are [key, segment, offset]; discard [segment, offset]")
+        for key, _, _ in items:
+            check_key(key)
+        for seg, off in discard:
+            self._take(seg, off)
+        ok = []
+        for key, seg, off in items:
+            arr = self._take(seg, off)
+            stored = arr is not None and await self.store.adopt(key, arr)
+            ok.append(bool(stored))
+            if stored:
+                self.daemon.counters["bytes_in"] += arr.nbytes
+                self.daemon.counters["bytes_in_by_reference"] += arr.nbytes
+        return ok
+
+    def _take(self, seg: str, off: int) -> np.ndarray | None:
+        arr = self._pending.pop((seg, off), None)
+        if arr is not None:
+            self._pending_bytes -= arr.nbytes
+        return arr
 
     async def op_delete(self, m: dict[str, Any]) -> list[bool]:
         return await self.store.delete_many(field(m, "keys", list))

@@ -82,24 +82,39 @@ class MemoryStore(Store):
         return self.put_now(key, data)
 
     def put_now(self, key: str, data: Buffer) -> bool:
-        check_key(key)
         src = memoryview(data).cast("B")
-        size = len(src)
+        if not self._room_for(key, len(src)):
+            return False
+        buf = self.new_buffer(len(src))
+        buf[:] = np.frombuffer(src, dtype=np.uint8)
+        self._install(key, buf)
+        return True
+
+    def adopt(self, key: str, buf: np.ndarray) -> bool:
+        """Take ``buf`` (uint8, never written again by the caller) as the object: no copy."""
+        if not self._room_for(key, buf.nbytes):
+            return False
+        self._install(key, buf)
+        return True
+
+    def _room_for(self, key: str, size: int) -> bool:
+        check_key(key)
         old = self._objects.get(key)
         reclaim = old.nbytes if old is not None else 0
         if size > self.capacity_bytes or not self._make_room(size - reclaim, keep=key):
             self.counters.errors += 1
             return False
-        buf = self.new_buffer(size)
-        buf[:] = np.frombuffer(src, dtype=np.uint8)
+        return True
+
+    def _install(self, key: str, buf: np.ndarray) -> None:
+        old = self._objects.get(key)
         if old is not None:
             self.used_bytes -= old.nbytes
         self._objects[key] = buf
         self._objects.move_to_end(key)
-        self.used_bytes += size
+        self.used_bytes += buf.nbytes
         self.counters.puts += 1
-        self.counters.bytes_written += size
-        return True
+        self.counters.bytes_written += buf.nbytes
 
     def new_buffer(self, size: int) -> np.ndarray:
         """A fresh uint8 buffer for one object (the daemon overrides it to use shared memory)."""
