@@ -36,6 +36,8 @@ class StreamKVConfig:
     disk_gb: float = 20.0
     disk_fsync: bool = False
     disk_mmap_reads: bool = True
+    disk_direct_reads: bool = False
+    disk_direct_writes: bool = True
     s3_url: str | None = None
     s3_endpoint: str | None = None
     s3_region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1

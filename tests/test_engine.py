@@ -215,3 +215,23 @@ def test_config_sources_and_errors(tmp_path: Path) -> None:
         StreamKVConfig.load(env={"STREAMKV_CHUNK_SIZE": "abc"})
     with pytest.raises(ConfigError, match="write_policy"):
         StreamKVConfig(write_policy="sometimes")
+
+
+def test_retrieve_asks_the_disk_to_read_ahead_layer_by_layer(tmp_path: Path) -> None:
+    from tests.test_tiers import RecordingDisk
+
+    disk = RecordingDisk(tmp_path / "rec", 1 << 24)
+    engine = make_engine(tmp_path, tiers=[disk])
+    tokens = np.arange(48)
+    kv = random_kv(48)
+    assert engine.store_kv(tokens, source_of(kv)).result(30) == 3
+    keys = engine.keys(tokens)
+    hit, layers = streamed(engine, tokens)
+    assert hit == 48 and layers is not None
+    sizes = [disk._index[k] for k in keys]
+    # every section of every chunk, layer 0 of all chunks first: the order the forward consumes
+    assert [k for k, _ in disk.hints] == keys * LAYOUT.num_layers
+    assert all(0 < off and off + n <= sizes[i % len(keys)] for i, (_, (off, n)) in enumerate(disk.hints))
+    per_chunk = [[r for k, r in disk.hints if k == key] for key in keys]
+    assert all(rs == sorted(rs) and len(rs) == LAYOUT.num_layers for rs in per_chunk)
+    engine.close()

@@ -26,6 +26,12 @@ class TestDiskConformance(StoreConformance):
         return DiskStore(tmp_path / "disk", 1 << 20)
 
 
+class TestDiskDirectReadsConformance(StoreConformance):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> DiskStore:
+        return DiskStore(tmp_path / "disk", 1 << 20, direct_reads=True)
+
+
 class TestTieredConformance(StoreConformance):
     @pytest.fixture
     def store(self, tmp_path: Path) -> TieredStore:
@@ -194,4 +200,254 @@ def test_disk_sees_objects_another_process_wrote(tmp_path: Path) -> None:
         assert await b.exists_many([key(1), key(2)]) == [True, False]
         assert bytes(await b.get(key(1))) == b"shared" * 100
         assert [bytes(p) for p in await b.get_ranges(key(1), [(0, 6)])] == [b"shared"]
+    run(go)
+
+
+class RecordingDisk(DiskStore):
+    """A real disk tier that also remembers the read-ahead hints it was given."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.hints: list[tuple[str, tuple[int, int]]] = []
+
+    async def prefetch(self, requests) -> None:  # type: ignore[no-untyped-def]
+        self.hints.extend(requests)
+        await super().prefetch(requests)
+
+
+def test_tiered_prefetch_goes_to_the_tier_holding_each_object_in_order(tmp_path: Path) -> None:
+    async def go() -> None:
+        mem, disk = MemoryStore(1 << 20), RecordingDisk(tmp_path, 1 << 20)
+        tiered = TieredStore([mem, disk])
+        await mem.put(key(1), b"m" * 8192)
+        for i in (2, 3):
+            await disk.put(key(i), b"d" * 8192)
+        await disk.put(key(1), b"m" * 8192)  # also on disk, but memory answers first
+        hints = [(key(3), (4096, 100)), (key(1), (0, 10)), (key(2), (0, 4096)), (key(9), (0, 1)), (key(3), (0, 1))]
+        await tiered.prefetch(hints)
+        assert disk.hints == [(key(3), (4096, 100)), (key(2), (0, 4096)), (key(3), (0, 1))]
+        assert tiered.prefetches() and disk.prefetches() and not mem.prefetches()
+    run(go)
+
+
+def test_disk_prefetch_of_a_vanished_file_is_harmless(tmp_path: Path) -> None:
+    async def go() -> None:
+        disk = DiskStore(tmp_path, 1 << 20)
+        await disk.put(key(1), b"x" * 10000)
+        await disk.put(key(2), b"y" * 10000)
+        os.unlink(disk._path(key(1)))  # gone behind the index's back
+        await disk.prefetch([(key(1), (0, 10000)), (key(2), (0, 10000)), (key(7), (0, 5))])
+        assert bytes((await disk.get_ranges(key(2), [(9990, 10)]))[0]) == b"y" * 10
+    run(go)
+
+
+# -- the disk tier's write path: O_DIRECT from an aligned buffer, buffered where refused --------
+
+from streamkv.store import disk as disk_mod  # noqa: E402
+
+ALIGN_SIZES = [1, 4095, 4096, 4097, (1 << 20) + 3, disk_mod.DIRECT_PIECE + 4097]
+
+
+def _no_temps(root: Path) -> list[str]:
+    return [p.name for p in root.rglob(f"{disk_mod.TMP_PREFIX}*")]
+
+
+def _spy_open(monkeypatch: pytest.MonkeyPatch, refuse_direct: bool = False) -> list[int]:
+    """Record the flags of every os.open the disk tier makes; optionally refuse O_DIRECT as
+    tmpfs did before Linux 6.6 (EINVAL at open, after creating the file)."""
+    real, flags_seen = os.open, []
+
+    def fake(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        flags_seen.append(flags)
+        if refuse_direct and flags & disk_mod._O_DIRECT:
+            os.close(real(path, flags & ~disk_mod._O_DIRECT, *args, **kwargs))
+            raise OSError(22, "Invalid argument")
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(disk_mod.os, "open", fake)
+    return flags_seen
+
+
+@pytest.mark.skipif(not disk_mod._O_DIRECT, reason="no O_DIRECT on this platform")
+@pytest.mark.parametrize("size", [0] + ALIGN_SIZES)
+def test_disk_direct_write_round_trips_around_the_alignment(size: int, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    data = os.urandom(size)
+    path = tmp_path / "ns" / "obj"
+    seen = _spy_open(monkeypatch)
+    if not disk_mod._write_atomic(path, memoryview(data), False, direct=True):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    assert any(f & disk_mod._O_DIRECT for f in seen)  # it really took the direct path
+    assert os.stat(path).st_size == size  # the padding to 4096 was cut off
+    assert path.read_bytes() == data
+    assert _no_temps(tmp_path) == []
+
+
+@pytest.mark.parametrize("size", ALIGN_SIZES)
+def test_disk_store_puts_read_back_exactly_by_get_and_mapped_ranges(size: int, tmp_path: Path) -> None:
+    async def go() -> None:
+        store = DiskStore(tmp_path, 64 << 20)
+        data = os.urandom(size)
+        assert await store.put(key(1), data)
+        assert store.used_bytes == size
+        assert bytes(await store.get(key(1))) == data
+        tail = (max(0, size - 5000), min(size, 5000))
+        assert [bytes(p) for p in await store.get_ranges(key(1), [(0, 1), tail])] == [
+            data[:1], data[tail[0]:tail[0] + tail[1]]]
+        assert os.stat(store._path(key(1))).st_size == size
+        assert _no_temps(tmp_path) == []
+    run(go)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4097, (1 << 20) + 3])
+def test_disk_buffered_write_round_trips(size: int, tmp_path: Path) -> None:
+    roots = [tmp_path] + ([Path("/dev/shm")] if Path("/dev/shm").is_dir() else [])
+    for root in roots:
+        d = Path(root) / f"streamkv-test-{os.getpid()}-{size}"
+        try:
+            data = os.urandom(size)
+            assert disk_mod._write_atomic(d / "obj", memoryview(data), True, direct=False) is False
+            assert (d / "obj").read_bytes() == data
+            # and direct on tmpfs: written either way (O_DIRECT where the kernel takes it, else buffered)
+            disk_mod._write_atomic(d / "obj2", memoryview(data), False, direct=True)
+            assert (d / "obj2").read_bytes() == data
+            assert _no_temps(d) == []
+        finally:
+            for p in d.glob("*"):
+                p.unlink()
+            if d.exists():
+                d.rmdir()
+
+
+def test_disk_falls_back_to_buffered_when_open_refuses_direct(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        seen = _spy_open(monkeypatch, refuse_direct=True)
+        store = DiskStore(tmp_path, 1 << 20)
+        data = [os.urandom(disk_mod.DIRECT_MIN_BYTES + i) for i in range(3)]
+        assert await store.put(key(0), data[0])
+        assert store.direct_writes is False
+        tried = sum(1 for f in seen if f & disk_mod._O_DIRECT)
+        assert tried >= (1 if disk_mod._O_DIRECT else 0)
+        for i, d in enumerate(data[1:], 1):
+            assert await store.put(key(i), d)
+        assert sum(1 for f in seen if f & disk_mod._O_DIRECT) == tried  # refused once, not tried again
+        for i, d in enumerate(data):
+            assert bytes(await store.get(key(i))) == d
+        assert store.counters.errors == 0
+        assert _no_temps(tmp_path) == []  # the file the refused open created is gone
+    run(go)
+
+
+@pytest.mark.skipif(not disk_mod._O_DIRECT, reason="no O_DIRECT on this platform")
+def test_disk_falls_back_when_a_direct_write_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args):  # type: ignore[no-untyped-def]
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(disk_mod.os, "pwrite", refuse)
+    data = os.urandom(70_000)
+    assert disk_mod._write_atomic(tmp_path / "ns" / "obj", memoryview(data), False) is False
+    assert (tmp_path / "ns" / "obj").read_bytes() == data
+    assert _no_temps(tmp_path) == []
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("failing", ["pwrite", "write", "ftruncate", "replace"])
+def test_disk_failed_write_leaves_no_temp_file_and_the_old_object(direct: bool, failing: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        store = DiskStore(tmp_path, 1 << 20, direct_writes=direct)
+        old = os.urandom(disk_mod.DIRECT_MIN_BYTES + 5000)
+        assert await store.put(key(1), old)
+        real = getattr(os, failing)
+
+        def full(*args):  # type: ignore[no-untyped-def]
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(disk_mod.os, failing, full)
+        stored = await store.put(key(1), os.urandom(disk_mod.DIRECT_MIN_BYTES + 9001))  # unaligned
+        monkeypatch.setattr(disk_mod.os, failing, real)
+        used = {"pwrite": direct, "write": not direct, "ftruncate": direct, "replace": True}[failing]
+        if used:
+            assert not stored and store.counters.errors == 1
+        assert _no_temps(tmp_path) == []
+        if not stored:
+            assert bytes(await store.get(key(1))) == old  # the old object, whole
+            assert store.used_bytes == len(old)
+    run(go)
+
+
+def test_disk_concurrent_puts_of_mixed_sizes_do_not_share_buffers(tmp_path: Path) -> None:
+    async def go() -> None:
+        from streamkv.store.limits import Limits
+
+        store = DiskStore(tmp_path, 256 << 20, limits=Limits(disk_io=8))
+        rng = random.Random(3)
+        data = {key(i): os.urandom(rng.choice([1, 4096, 70_001, 1 << 20, disk_mod.DIRECT_PIECE + 1]))
+                for i in range(24)}
+        async with anyio.create_task_group() as tg:
+            for k, v in data.items():
+                tg.start_soon(store.put, k, v)
+        for k, v in data.items():
+            assert bytes(await store.get(k)) == v
+        assert _no_temps(tmp_path) == []
+    run(go)
+
+
+def test_direct_reads_exact_bytes_and_reused_buffers(tmp_path: Path) -> None:
+    import gc
+
+    async def go() -> None:
+        disk = DiskStore(tmp_path, 1 << 22, direct_reads=True)
+        blob = os.urandom(3 * 4096 + 123)
+        await disk.put(key(1), blob)
+        ranges = [(0, 10), (4090, 10), (5000, 7000), (len(blob) - 5, 5), (len(blob), 0)]
+        for _ in range(3):
+            parts = await disk.get_ranges(key(1), ranges)
+            assert parts is not None and [bytes(p) for p in parts] == [blob[o : o + n] for o, n in ranges]
+            del parts
+            gc.collect()
+        if disk.direct_reads:  # the filesystem took O_DIRECT: buffers came back and were reused
+            assert disk._read_buffers.created <= len(ranges)
+        assert await disk.get_ranges(key(1), [(len(blob) - 5, 6)]) is None  # past the end: a miss
+    run(go)
+
+
+def test_direct_reads_fall_back_to_the_page_cache_when_the_kernel_refuses_them(tmp_path: Path) -> None:
+    from streamkv.store.direct_reads import AlignedBuffers
+
+    class Misaligned(AlignedBuffers):
+        """Buffers one byte off the page boundary: O_DIRECT reads into them fail with EINVAL,
+        as they do on filesystems without O_DIRECT."""
+
+        def take(self, nbytes: int):  # type: ignore[no-untyped-def]
+            return super().take(nbytes + 1)[1:]
+
+    async def go() -> None:
+        disk = DiskStore(tmp_path, 1 << 20, direct_reads=True)
+        disk._read_buffers = Misaligned()
+        await disk.put(key(2), b"0123456789" * 1000)
+        probe = await disk.get_ranges(key(2), [(5, 20)])
+        assert bytes(probe[0]) == (b"0123456789" * 1000)[5:25]
+        if disk.direct_reads:
+            pytest.skip("this filesystem reads O_DIRECT into unaligned buffers")
+        assert bytes((await disk.get_ranges(key(2), [(9990, 10)]))[0]) == b"0123456789"
+    run(go)
+
+
+@pytest.mark.skipif(not disk_mod._O_DIRECT, reason="no O_DIRECT on this platform")
+def test_disk_store_writes_small_objects_buffered_and_large_ones_direct(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        store = DiskStore(tmp_path, 8 << 20)
+        assert await store.put(key(0), b"warm")  # makes the namespace directory
+        seen = _spy_open(monkeypatch)
+        small, large = os.urandom(disk_mod.DIRECT_MIN_BYTES - 1), os.urandom(disk_mod.DIRECT_MIN_BYTES)
+        assert await store.put(key(1), small)
+        assert [f & disk_mod._O_DIRECT for f in seen] == [0]
+        assert await store.put(key(2), large)
+        if not store.direct_writes:
+            pytest.skip("this filesystem refuses O_DIRECT")
+        assert [bool(f & disk_mod._O_DIRECT) for f in seen] == [False, True]
+        assert bytes(await store.get(key(1))) == small and bytes(await store.get(key(2))) == large
     run(go)

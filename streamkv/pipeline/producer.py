@@ -60,7 +60,9 @@ class LayerwiseProducer:
     async def run(self) -> None:
         try:
             await self._read_headers()
-            await self._read_layers()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._prefetch)
+                await self._read_layers()
         except BaseException:
             self.handle.cancel()
             raise
@@ -87,6 +89,17 @@ class LayerwiseProducer:
             hit += 1
         self.sink.begin(hit)
         self.handle.set_hit(hit)
+
+    async def _prefetch(self) -> None:
+        """Tell the tiers what is coming, in the order it is consumed: layer by layer."""
+        if not self.headers or not self.store.prefetches():
+            return
+        order = [(self.keys[c], h.section_range(layer))
+                 for layer in range(self.layout.num_layers) for c, h in enumerate(self.headers)]
+        try:
+            await self.store.prefetch(order)
+        except Exception as exc:  # only a hint
+            log.debug("prefetch failed", error=repr(exc))
 
     async def _read_layers(self) -> None:
         if not self.headers:

@@ -91,6 +91,13 @@ class Store(ABC):
     async def list_keys(self, namespace: str | None = None) -> list[str]:
         """Keys held, optionally only one namespace's."""
 
+    async def prefetch(self, requests: Sequence[tuple[str, ByteRange]]) -> None:
+        """A hint: these ranges will be read soon, in this order. A tier that can start the
+        I/O early (the disk tier asks the kernel to read ahead) does; the default does nothing."""
+
+    def prefetches(self) -> bool:
+        return type(self).prefetch is not Store.prefetch
+
     async def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
         return await gather([lambda k=k: self.get(k) for k in keys])
 

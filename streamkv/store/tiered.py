@@ -144,6 +144,21 @@ class TieredStore(Store):
         self.telemetry.end_tier_span(span, None, 0, "miss")
         return None
 
+    async def prefetch(self, requests: Sequence[tuple[str, ByteRange]]) -> None:
+        """Pass each hint to the fastest tier that holds its object, keeping the order."""
+        todo = list(requests)
+        for tier in self.tiers:
+            if not todo:
+                return
+            keys = list(dict.fromkeys(key for key, _ in todo))
+            held = dict(zip(keys, await tier.exists_many(keys)))
+            if tier.prefetches():
+                await tier.prefetch([r for r in todo if held[r[0]]])
+            todo = [r for r in todo if not held[r[0]]]
+
+    def prefetches(self) -> bool:
+        return any(t.prefetches() for t in self.tiers)
+
     async def _promote_from(self, key: str, source: int) -> None:
         if await self.tiers[source - 1].exists(key):
             return

@@ -16,7 +16,9 @@ def build_tiers(config: StreamKVConfig, limits: Limits) -> list[Store]:
             tiers.append(MemoryStore(config.memory_bytes))
         elif name == "disk":
             tiers.append(DiskStore(config.disk_dir, config.disk_bytes, fsync=config.disk_fsync, limits=limits,
-                                   mmap_reads=config.disk_mmap_reads))
+                                   mmap_reads=config.disk_mmap_reads,
+                                   direct_reads=config.disk_direct_reads,
+                                   direct_writes=config.disk_direct_writes))
         elif name == "s3":
             from streamkv.store.s3 import S3Store  # needs the s3 extra
 
