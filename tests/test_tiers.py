@@ -414,7 +414,7 @@ def test_direct_reads_exact_bytes_and_reused_buffers(tmp_path: Path) -> None:
 
 
 def test_direct_reads_fall_back_to_the_page_cache_when_the_kernel_refuses_them(tmp_path: Path) -> None:
-    from streamkv.store.direct_reads import AlignedBuffers
+    from streamkv.store.direct_io import AlignedBuffers
 
     class Misaligned(AlignedBuffers):
         """Buffers one byte off the page boundary: O_DIRECT reads into them fail with EINVAL,
@@ -450,4 +450,19 @@ def test_disk_store_writes_small_objects_buffered_and_large_ones_direct(tmp_path
             pytest.skip("this filesystem refuses O_DIRECT")
         assert [bool(f & disk_mod._O_DIRECT) for f in seen] == [False, True]
         assert bytes(await store.get(key(1))) == small and bytes(await store.get(key(2))) == large
+    run(go)
+
+
+def test_an_object_being_evicted_is_not_indexed_again(tmp_path: Path) -> None:
+    """Between leaving the index and its unlink, an evicted file still exists: a lookup in that
+    window (a concurrent get during a write-back demotion) must not index it again."""
+    async def go() -> None:
+        seen: list[tuple[str, bool]] = []
+        disk = DiskStore(tmp_path, 2500)
+        disk.on_evict = lambda k, data: seen.append((k, disk._known(k)))
+        for i in range(3):
+            await disk.put(key(i), bytes([i]) * 1000)
+        assert seen == [(key(0), False)]
+        assert disk.used_bytes == sum(disk._index.values()) == 2000
+        assert not await disk.exists(key(0))
     run(go)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import threading
 import uuid
 from collections import OrderedDict
 from pathlib import Path
@@ -31,7 +30,7 @@ import structlog
 
 from streamkv.errors import ConfigError
 from streamkv.store.base import Buffer, ByteRange, Store, check_key
-from streamkv.store.direct_reads import AlignedBuffers, DirectIOUnsupported, read_ranges_direct
+from streamkv.store.direct_io import AlignedBuffers, DirectIOUnsupported, read_ranges_direct
 from streamkv.store.limits import Limits
 
 log = structlog.get_logger(__name__)
@@ -132,30 +131,7 @@ def _round_up(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-class _AlignedBuffers:
-    """Page-aligned (anonymous ``mmap``) buffers for O_DIRECT writes, reused across puts:
-    a fresh mapping per put would pay a page fault per 4 KiB. At most ``keep`` idle."""
-
-    def __init__(self, size: int, keep: int = 4) -> None:
-        self.size, self.keep = size, keep
-        self._free: list[mmap.mmap] = []
-        self._lock = threading.Lock()
-
-    def take(self) -> mmap.mmap:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        return mmap.mmap(-1, self.size)
-
-    def give(self, buf: mmap.mmap) -> None:
-        with self._lock:
-            if len(self._free) < self.keep:
-                self._free.append(buf)
-                return
-        buf.close()
-
-
-_buffers = _AlignedBuffers(DIRECT_PIECE)
+_buffers = AlignedBuffers(max_idle_bytes=4 * DIRECT_PIECE)  # staging for O_DIRECT writes
 
 
 def _create(tmp: Path, flags: int) -> int:
@@ -178,25 +154,23 @@ def _write_direct(fd: int, data: memoryview) -> None:
     """Write ``data`` to an O_DIRECT ``fd`` in aligned pieces copied into an aligned buffer;
     the last piece is zero-padded to ``ALIGN`` and the padding cut off with ``ftruncate``."""
     size = len(data)
-    buf = _buffers.take()
-    try:
-        with memoryview(buf) as view:
-            off = 0
-            while off < size:
-                n = min(len(view), size - off)
-                view[:n] = data[off : off + n]
-                end = _round_up(n)
-                if end > n:
-                    view[n:end] = bytes(end - n)
-                done = 0
-                while done < end:
-                    wrote = os.pwrite(fd, view[done:end], off + done)
-                    if wrote <= 0 or wrote % ALIGN:  # a short O_DIRECT write: give up, not misalign
-                        raise OSError(errno.EIO, f"short direct write ({wrote} of {end - done} bytes)")
-                    done += wrote
-                off += n
-    finally:
-        _buffers.give(buf)
+    buf = _buffers.take(DIRECT_PIECE)  # back to the pool when this function drops it
+    with memoryview(buf) as view:
+        off = 0
+        while off < size:
+            n = min(len(view), size - off)
+            view[:n] = data[off : off + n]
+            end = _round_up(n)
+            if end > n:
+                view[n:end] = bytes(end - n)
+            done = 0
+            while done < end:
+                wrote = os.pwrite(fd, view[done:end], off + done)
+                if wrote <= 0 or wrote % ALIGN:  # a short O_DIRECT write: give up, not misalign
+                    raise OSError(errno.EIO, f"short direct write ({wrote} of {end - done} bytes)")
+                done += wrote
+            off += n
+    del buf
     if _round_up(size) != size:
         os.ftruncate(fd, size)
 
@@ -265,6 +239,7 @@ class DiskStore(Store):
         self.fsync = fsync
         self.limits = limits or Limits()
         self._index: OrderedDict[str, int] = OrderedDict()
+        self._evicting: set[str] = set()
         self.used_bytes = 0
         self._rebuild_index()
 
@@ -371,6 +346,7 @@ class DiskStore(Store):
                 break
             if key != keep:
                 self._forget(key)
+                self._evicting.add(key)  # its file lingers until unlinked: not to be re-indexed
                 victims.append(key)
         self.counters.evictions += len(victims)
         return victims
@@ -379,17 +355,21 @@ class DiskStore(Store):
         """Evict to capacity; with an ``on_evict`` hook (write-back), hand each object down first."""
         for key in self._victims(keep):
             path = self._path(key)
-            if self.on_evict is not None:
-                data = await self._run(_read_file, path)
-                if data is not None:
-                    self.on_evict(key, memoryview(data))
-            await self._run(_unlink_quietly, path)
+            try:
+                if self.on_evict is not None:
+                    data = await self._run(_read_file, path)
+                    if data is not None:
+                        self.on_evict(key, memoryview(data))
+                await self._run(_unlink_quietly, path)
+            finally:
+                self._evicting.discard(key)
 
     def _evict_sync(self, need: int = 0, keep: str | None = None) -> int:
         """Evict at start-up (no loop yet, nothing to hand down)."""
         victims = self._victims(keep)
         for key in victims:
             _unlink_quietly(self._path(key))
+            self._evicting.discard(key)
         return len(victims)
 
     def _forget(self, key: str) -> None:
@@ -402,6 +382,8 @@ class DiskStore(Store):
         (then indexed now): ranks and replicas on one host see each other's chunks."""
         if key in self._index:
             return True
+        if key in self._evicting:
+            return False
         try:
             size = os.stat(self._path(key)).st_size
         except OSError:  # missing, or a failing disk: not here

@@ -1,10 +1,11 @@
-"""Ranged reads with O_DIRECT into reused, page-aligned buffers.
+"""O_DIRECT helpers: reused page-aligned buffers, and ranged reads into them.
 
 A cold layer read through the page cache costs the CPU twice: the kernel fills
 and maps page-cache pages, and a fresh buffer costs a page fault per 4 KiB. On
 a small CPU that time is taken from the forward the read is meant to overlap.
 With O_DIRECT the device writes straight into a buffer this pool hands out
-again once nothing refers to it any more."""
+again once nothing refers to it any more. The disk tier's O_DIRECT writes stage
+through the same buffers."""
 
 from __future__ import annotations
 
