@@ -235,3 +235,145 @@ def test_retrieve_asks_the_disk_to_read_ahead_layer_by_layer(tmp_path: Path) -> 
     per_chunk = [[r for k, r in disk.hints if k == key] for key in keys]
     assert all(rs == sorted(rs) and len(rs) == LAYOUT.num_layers for rs in per_chunk)
     engine.close()
+
+
+# -- key-level objects straight from / into the caller's memory (write_chunks_from, read_chunks_into) --
+
+def _token_major(tokens_kv: np.ndarray) -> np.ndarray:
+    """A host-pool-like page ``[plane, token, layer, heads, dim]`` viewed layer-first (strided, no copy)."""
+    return tokens_kv.transpose(2, 0, 1, 3, 4)
+
+
+def _page(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 2**32, (2, C, LAYOUT.num_layers, LAYOUT.num_kv_heads, LAYOUT.head_size), dtype=np.uint32)
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["whole-reads", "mapped-reads"])
+@pytest.mark.parametrize("tiers", [("disk",), ("memory", "disk"), ("memory",)])
+def test_write_from_and_read_into_strided_views(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                tiers: tuple[str, ...], mapped: bool) -> None:
+    """Sources and destinations in another memory layout: the one copy each way re-orders them.
+    Large objects are read in place from the local tiers (``mapped``), small ones whole."""
+    import streamkv.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_MAPPED_READ_BYTES", 0 if mapped else 1 << 40)
+    with make_engine(tmp_path, tiers=tiers) as engine:
+        assert engine._mapped_reads() is mapped
+        if mapped:  # in place: the header's view leads to the whole object, never a whole get
+
+            async def no_whole_gets(key: str) -> None:
+                raise AssertionError("whole-object get")
+
+            monkeypatch.setattr(engine.store, "get", no_whole_gets)
+        pages = [_page(i) for i in range(5)]
+        keys = [engine.object_key(f"p{i}") for i in range(5)]
+        bad = np.zeros(7, dtype=np.uint8)
+        assert engine.write_chunks_from(keys + [engine.object_key("bad")], [_token_major(p) for p in pages] + [bad]) \
+            == [True] * 5 + [False]
+        assert engine.counters["store_rejected"] == 1
+        engine.flush()
+        out = [np.zeros_like(p) for p in pages]
+        assert engine.read_chunks_into(keys, [_token_major(o) for o in out]) == [True] * 5
+        for p, o in zip(pages, out):
+            assert np.array_equal(p, o)
+        # the stored object is the layer-major payload: read_chunks returns it contiguous
+        got = engine.read_chunks(keys[:1])[0]
+        assert got is not None and np.array_equal(got, np.ascontiguousarray(_token_major(pages[0])).view(np.uint8).ravel())
+
+
+def test_in_place_encoding_is_encode_chunk_byte_for_byte(tmp_path: Path) -> None:
+    """The engine packs raw objects itself (no intermediate copy); they must stay exactly what
+    format.encode_chunk writes, or readers elsewhere (the layer-wise producer) would reject them."""
+    from streamkv.format import encode_chunk
+
+    with make_engine(tmp_path, tiers=("disk",), compression="off") as engine:
+        page = _page(1)
+        key = engine.object_key("exact")
+        assert engine.write_chunks_from([key], [_token_major(page)]) == [True]
+        layers = np.ascontiguousarray(_token_major(page)).view(np.uint8).reshape(LAYOUT.num_layers, -1)
+        expected = encode_chunk(engine.namespace, LAYOUT, list(layers), compression="off")
+        assert (tmp_path / "disk" / key).read_bytes() == bytes(expected)
+
+
+@pytest.mark.parametrize("compression", ["lz4", "auto"])
+def test_compressible_pages_are_compressed_and_read_back(tmp_path: Path, compression: str) -> None:
+    with make_engine(tmp_path, tiers=("disk",), compression=compression) as engine:
+        page = np.zeros((2, C, LAYOUT.num_layers, LAYOUT.num_kv_heads, LAYOUT.head_size), dtype=np.uint32)
+        page[..., 0] = 7  # mostly zeros: lz4 pays
+        key = engine.object_key("zeros")
+        assert engine.write_chunks_from([key], [_token_major(page)]) == [True]
+        assert (tmp_path / "disk" / key).stat().st_size < LAYOUT.chunk_bytes // 2
+        out = np.ones_like(page)
+        assert engine.read_chunks_into([key], [_token_major(out)]) == [True]
+        assert np.array_equal(out, page)
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["whole-reads", "mapped-reads"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "foreign"])
+def test_read_into_misses_leave_destinations_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        mapped: bool, damage: str) -> None:
+    """A corrupt, truncated or foreign object is a miss and is never copied; with ``prefix`` the
+    objects after it are neither copied nor reported, without it they are."""
+    import streamkv.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_MAPPED_READ_BYTES", 0 if mapped else 1 << 40)
+    with make_engine(tmp_path, tiers=("disk",)) as engine:
+        pages = [_page(10 + i) for i in range(4)]
+        keys = [engine.object_key(f"d{i}") for i in range(4)]
+        assert engine.write_chunks_from(keys, [_token_major(p) for p in pages]) == [True] * 4
+        path = tmp_path / "disk" / keys[1]
+        data = bytearray(path.read_bytes())
+        if damage == "flip":
+            data[len(data) // 2] ^= 0xFF
+        elif damage == "truncate":
+            del data[-100:]
+        else:  # another model's object under this name
+            with make_engine(tmp_path / "other", tiers=("disk",), model="other") as other:
+                other.write_chunks_from([other.object_key("d1")], [_token_major(pages[1])])
+                data = bytearray((tmp_path / "other" / "disk" / other.object_key("d1")).read_bytes())
+        path.write_bytes(bytes(data))
+        assert engine._mapped_reads() is mapped
+
+        out = [np.zeros_like(p) for p in pages]
+        assert engine.read_chunks_into(keys, [_token_major(o) for o in out], prefix=True) == [True, False, False, False]
+        assert np.array_equal(out[0], pages[0])
+        assert not any(o.any() for o in out[1:]), "a page at or after the miss was written"
+        assert engine.counters.get("retrieve_corrupt", 0) >= 1 or damage == "truncate"
+
+        out = [np.zeros_like(p) for p in pages]
+        assert engine.read_chunks_into(keys, [_token_major(o) for o in out]) == [True, False, True, True]
+        assert not out[1].any() and all(np.array_equal(o, p) for o, p in zip(out[2:], pages[2:]))
+
+
+def test_read_into_rejects_bad_destinations(tmp_path: Path) -> None:
+    with make_engine(tmp_path, tiers=("disk",)) as engine:
+        key = engine.object_key("x")
+        assert engine.write_chunks_from([key], [_token_major(_page(3))]) == [True]
+        readonly = np.zeros(LAYOUT.chunk_bytes, dtype=np.uint8)
+        readonly.flags.writeable = False
+        assert engine.read_chunks_into([key, key], [readonly, np.zeros(5, dtype=np.uint8)]) == [False, False]
+        assert engine.counters["retrieve_rejected"] == 2
+        with pytest.raises(ValueError, match="destinations"):
+            engine.read_chunks_into([key], [])
+
+
+@pytest.mark.parametrize("tiers", [("disk",), ("memory", "disk")])
+def test_reused_object_buffers_never_change_a_stored_object(tmp_path: Path, tiers: tuple[str, ...]) -> None:
+    """Encoded objects are built in recycled buffers where the store is done with them once put
+    returns (one disk tier); with write_through to a lower tier the background put still holds
+    its buffer, which must then not be recycled: every object on disk stays intact."""
+    with make_engine(tmp_path, tiers=tiers) as engine:
+        batches = [[_page(100 * b + i) for i in range(6)] for b in range(4)]
+        for b, pages in enumerate(batches):
+            keys = [engine.object_key(f"r{b}-{i}") for i in range(6)]
+            assert engine.write_chunks_from(keys, [_token_major(p) for p in pages]) == [True] * 6
+        recycled = len(engine.__dict__.get("_free_buffers", []))
+        assert (recycled > 0) == (tiers == ("disk",))
+        engine.flush()
+    with make_engine(tmp_path, tiers=("disk",)) as reader:  # the disk alone, after a restart
+        for b, pages in enumerate(batches):
+            keys = [reader.object_key(f"r{b}-{i}") for i in range(6)]
+            out = [np.zeros_like(p) for p in pages]
+            assert reader.read_chunks_into(keys, [_token_major(o) for o in out]) == [True] * 6
+            assert all(np.array_equal(o, p) for o, p in zip(out, pages))

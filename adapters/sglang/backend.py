@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import functools
 import time
-from concurrent.futures import Future
 from typing import Any, Callable, List, Optional, Sequence, TypeVar
 
-import numpy as np
 import structlog
 import torch
 from sglang.srt.mem_cache.hicache_storage import (
@@ -33,22 +31,19 @@ from sglang.srt.mem_cache.hicache_storage import (
 
 from streamkv.engine import StreamKVEngine
 from streamkv.errors import ConfigError
-from streamkv.keys import prefix_hits
 from streamkv.layout import DTYPE_SIZES, dtype_name
 from streamkv.store.base import Store
 
 from .counters import BackendCounters
 from .extra_config import AdapterSettings, parse_extra_config
+from .local_index import LocalIndex
 from .namespace import is_writer, model_identity, namespace_for
-from .page_codec import STAGE_BYTES, PageCodec, layout_for
+from .page_codec import PageCodec, layout_for
 from .presence import PresenceCache
 
 log = structlog.get_logger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-# A batch of writes is split into up to this many concurrent engine calls.
-_WRITE_GROUPS = 8
 
 
 def _never_raise(default: Callable[..., Any]) -> Callable[[F], F]:
@@ -77,12 +72,6 @@ def _n_none(keys: Sequence[str], *_: Any, **__: Any) -> list[None]:
     return [None] * len(keys)
 
 
-def _leading(flags: Sequence[bool]) -> list[bool]:
-    """Prefix semantics: a page after a miss is not a hit (SGLang uses only the leading run)."""
-    n = prefix_hits(flags)
-    return [True] * n + [False] * (len(flags) - n)
-
-
 class StreamKVStorage(HiCacheStorage):
     """SGLang HiCache L3 backed by streamkv's tiered chunk store; one object per SGLang page."""
 
@@ -95,6 +84,7 @@ class StreamKVStorage(HiCacheStorage):
         self.engine: StreamKVEngine | None = None
         self.codec: PageCodec | None = None
         self.presence: PresenceCache | None = None
+        self.local: LocalIndex | None = None
         self._tiers = tiers  # tests and benchmarks may hand in ready tiers
         log.info(
             "streamkv storage backend created",
@@ -127,6 +117,7 @@ class StreamKVStorage(HiCacheStorage):
             self.engine.close()
         self.engine = StreamKVEngine(config, layout, namespace, tiers=self._tiers_for(config))
         self.presence = PresenceCache(self.engine.object_key, self.settings.exists_cache_ttl_s)
+        self.local = LocalIndex(self.engine.store)
         self.codec = codec
         self.counters.page_bytes = codec.page_bytes
         log.info("streamkv storage bound to host pool", namespace=namespace.id, layout=layout.describe(),
@@ -153,58 +144,48 @@ class StreamKVStorage(HiCacheStorage):
         assert self.presence is not None
         return self.presence
 
-    # ---- engine calls (reads are one batch: the tiers fetch them concurrently; writes are
-    # split into groups the engine encodes and stores concurrently) ----
+    @property
+    def _local(self) -> LocalIndex:
+        assert self.local is not None
+        return self.local
 
-    def _read(self, keys: Sequence[str]) -> list[np.ndarray | None]:
-        engine, codec = self._ready()
-        out = engine.read_chunks(self._presence.store_keys(keys))
-        payloads: list[np.ndarray | None] = []
-        for key, payload in zip(keys, out):
-            if payload is not None and payload.nbytes != codec.page_bytes:
-                log.warning("stored page has the wrong size; miss", key=key, nbytes=payload.nbytes)
-                payload = None
-            payloads.append(payload)
-        hits = sum(p is not None for p in payloads)
-        self._presence.mark_present(k for k, p in zip(keys, payloads) if p is not None)
-        self._presence.forget(k for k, p in zip(keys, payloads) if p is None)
+    # ---- engine calls: one per batch; the engine fetches/encodes and stores the pages
+    # concurrently and copies them straight between the host pool and its objects ----
+
+    def _read(self, keys: Sequence[str], targets: Sequence[Any]) -> list[bool]:
+        """Load pages into ``targets`` (layer-first views); the leading run of hits is True."""
+        engine, _ = self._ready()
+        ok = engine.read_chunks_into(self._presence.store_keys(keys), targets, prefix=True)
+        hits = sum(ok)
+        self._presence.mark_present(keys[:hits])
+        self._presence.forget(keys[hits:])
         self.counters.add("pages_read", hits)
         self.counters.add("pages_missed", len(keys) - hits)
-        return payloads
+        return ok
 
-    def _write(self, keys: Sequence[str], payloads: Sequence[Any]) -> bool:
-        """Store the pages not stored yet; True when every page is (now) stored."""
+    def _write(self, keys: Sequence[str], sources: Sequence[Any]) -> list[bool]:
+        """Store the pages not stored yet; per page, True when it is (now) stored."""
         engine, _ = self._ready()
         store_keys = self._presence.store_keys(keys)
-        present = engine.exists_many(store_keys)
-        items = [(sk, p) for sk, p, have in zip(store_keys, payloads, present) if not have]
-        self.counters.add("pages_already_stored", len(keys) - len(items))
-        if not items:
-            self._presence.mark_present(keys)
-            return True
-        size = -(-len(items) // _WRITE_GROUPS)  # ceil: big pages get one group each
-        futures: list[Future[int]] = []
-        written = 0
-        try:
-            for i in range(0, len(items), size):
-                futures.append(engine.write_chunks(items[i : i + size]))  # type: ignore[arg-type]
-        finally:
-            # Settle every call before returning, even after a failure: the payloads may be
-            # views of a staging buffer the caller reuses as soon as this returns.
-            for f in futures:
-                try:
-                    written += f.result()
-                except Exception as exc:
-                    self.counters.add("errors.write_chunks")
-                    log.error("page write failed", error=repr(exc))
-        self.counters.add("pages_written", written)
-        if written == len(items):
-            self._presence.mark_present(keys)
-        else:
-            self.counters.add("pages_write_failed", len(items) - written)
-            log.warning("some pages were not stored", requested=len(items), written=written)
-            return False
-        return True
+        stored = self._local.lookup(store_keys)
+        unknown = [i for i, s in enumerate(stored) if s is None]
+        if unknown:  # a tier that cannot answer here (S3, the daemon): ask the engine
+            for i, have in zip(unknown, engine.exists_many([store_keys[i] for i in unknown])):
+                stored[i] = have
+        todo = [i for i, have in enumerate(stored) if not have]
+        self.counters.add("pages_already_stored", len(keys) - len(todo))
+        results = [True] * len(keys)
+        if todo:
+            written = engine.write_chunks_from([store_keys[i] for i in todo], [sources[i] for i in todo])
+            for i, ok in zip(todo, written):
+                results[i] = ok
+            n_ok = sum(written)
+            self.counters.add("pages_written", n_ok)
+            if n_ok < len(todo):
+                self.counters.add("pages_write_failed", len(todo) - n_ok)
+                log.warning("some pages were not stored", requested=len(todo), written=n_ok)
+        self._presence.mark_present(k for k, ok in zip(keys, results) if ok)
+        return results
 
     # ---- existence ----
 
@@ -220,8 +201,12 @@ class StreamKVStorage(HiCacheStorage):
         known = self._presence.leading_present(keys)
         hits = known
         if known < len(keys):
-            rest = keys[known:]
-            hits += engine.exists_prefix(self._presence.store_keys(rest))
+            rest = self._presence.store_keys(keys[known:])
+            local, final = self._local.leading(rest)
+            hits += local
+            self.counters.add("exists_answered_locally", local)
+            if not final:  # the next page is unknown here: ask every tier through the engine
+                hits += engine.exists_prefix(rest[local:])
             self._presence.mark_present(keys[known:hits])
         self.counters.add("exists_queries")
         self.counters.add("exists_answered_from_cache", known)
@@ -236,13 +221,9 @@ class StreamKVStorage(HiCacheStorage):
         _, codec = self._ready()
         if not keys:
             return []
-        codec.page_starts(host_indices, len(keys))  # checks the slot count
         t0 = time.perf_counter()
-        payloads = self._read(keys)
-        ok = _leading([p is not None for p in payloads])
-        n = sum(ok)
-        codec.scatter(host_indices, [p for p in payloads[:n]])
-        self.counters.sample("prefetch", n, time.perf_counter() - t0)
+        ok = self._read(keys, codec.page_views(host_indices, len(keys)))
+        self.counters.sample("prefetch", sum(ok), time.perf_counter() - t0)
         return ok
 
     @_never_raise(_n_false)
@@ -255,16 +236,9 @@ class StreamKVStorage(HiCacheStorage):
             self.counters.add("pages_skipped_not_writer", len(keys))
             return [True] * len(keys)
         t0 = time.perf_counter()
-        codec.page_starts(host_indices, len(keys))  # checks the slot count
-        P = codec.geo.page_size
-        step = max(1, STAGE_BYTES // codec.page_bytes)  # pages per trip through the staging buffer
-        ok = True
-        for i in range(0, len(keys), step):
-            sub = keys[i : i + step]
-            with codec.gathered(host_indices[i * P : (i + len(sub)) * P], len(sub)) as block:
-                ok = self._write(sub, list(block)) and ok  # waits until the engine has encoded them
+        ok = self._write(keys, codec.page_views(host_indices, len(keys)))  # copied out before it returns
         self.counters.sample("backup", len(keys), time.perf_counter() - t0)
-        return [ok] * len(keys)
+        return ok
 
     # ---- generic path: flat page tensors ----
 
@@ -280,16 +254,14 @@ class StreamKVStorage(HiCacheStorage):
         if not keys:
             return []
         t0 = time.perf_counter()
-        payloads = self._read(keys)
-        n = prefix_hits([p is not None for p in payloads])
-        out: list[torch.Tensor | None] = [None] * len(keys)
-        for i in range(n):
-            target = target_locations[i] if target_locations is not None else None
-            if target is None:
-                target = self.mem_pool_host.get_dummy_flat_data_page()
-            out[i] = codec.payload_to_flat(payloads[i], target)
-        self.counters.sample("prefetch", n, time.perf_counter() - t0)
-        return out
+        targets = [
+            target_locations[i] if target_locations is not None and target_locations[i] is not None
+            else self.mem_pool_host.get_dummy_flat_data_page()
+            for i in range(len(keys))
+        ]
+        ok = self._read(keys, [codec.flat_view(t) for t in targets])
+        self.counters.sample("prefetch", sum(ok), time.perf_counter() - t0)
+        return [t if hit else None for t, hit in zip(targets, ok)]
 
     @_never_raise(lambda key, *a, **k: False)
     def set(self, key: str, value: Optional[Any] = None, target_location: Optional[Any] = None,
@@ -308,7 +280,7 @@ class StreamKVStorage(HiCacheStorage):
             self.counters.add("pages_skipped_not_writer", len(keys))
             return True
         t0 = time.perf_counter()
-        ok = self._write(keys, [codec.flat_to_payload(v) for v in values])
+        ok = all(self._write(keys, [codec.flat_view(v) for v in values]))
         self.counters.sample("backup", len(keys), time.perf_counter() - t0)
         return ok
 

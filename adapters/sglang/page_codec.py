@@ -4,25 +4,24 @@ A streamkv chunk payload is layer-major: one section per layer, MHA sections
 ``[2, page_size, heads, head_dim]`` (K then V), MLA sections
 ``[page_size, kv_cache_dim]``. SGLang's host pool keeps pages in one of several
 memory layouts (``--hicache-mem-layout``), so every page is re-ordered on the
-way in and out. That costs one copy, but it is what lets a page written by a
-``page_first`` replica be read by a ``layer_first`` one, and what lets the
-layer-wise pipeline fetch one layer of a page with one ranged read.
+way in and out. The re-ordering is no extra copy: the engine copies sections
+straight between these views of the pool and its objects. It is what lets a
+page written by a ``page_first`` replica be read by a ``layer_first`` one, and
+what lets the layer-wise pipeline fetch one layer of a page with one ranged read.
 
 Two entry points, matching SGLang's two storage paths:
 * generic (``get``/``set``/``batch_*``): SGLang hands flat page tensors in the
   pool's own page order (``get_data_page(flat=True)`` /
-  ``get_dummy_flat_data_page()``); ``flat_to_payload``/``payload_to_flat``.
+  ``get_dummy_flat_data_page()``); ``flat_view`` permutes one the same way.
 * ``interface_v1`` (``batch_get_v1``/``batch_set_v1``): SGLang hands host slot
-  indices; ``gather``/``scatter`` copy between the pool's pages (SGLang's own
-  ``get_data_page(flat=False)`` views) and payloads, one copy per page.
+  indices; ``page_views`` are the pool's pages (SGLang's own
+  ``get_data_page(flat=False)`` views), permuted into section order.
 """
 
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -34,10 +33,6 @@ from streamkv.layout import KVLayout
 # across the page (heterogeneous-TP sharing), ``page_first_kv_split`` and
 # ``page_unified`` are Ascend / fused formats: none is a plain page of KV.
 SUPPORTED_LAYOUTS = ("layer_first", "page_first", "page_first_direct")
-
-# Bytes of the reusable staging buffer that pages are gathered into before a write.
-STAGE_BYTES = 256 << 20
-
 
 def check_layout(layout: str) -> None:
     """Raise a ConfigError naming the SGLang flag when the host layout is not supported."""
@@ -118,21 +113,26 @@ def _inverse(perm: Sequence[int]) -> tuple[int, ...]:
     return tuple(inv)
 
 
-def _as_bytes(t: torch.Tensor) -> np.ndarray:
-    """A contiguous tensor's bytes as a uint8 numpy array (no copy)."""
-    return t.contiguous().view(torch.uint8).reshape(-1).numpy()
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy view (no copy, same strides) of a CPU tensor's elements as same-size integers
+    (numpy has no bfloat16; the bytes are what is copied)."""
+    return t.view(_INT_OF_SIZE[t.element_size()]).numpy()
 
 
 class PageCodec:
-    """Re-orders pages between one registered SGLang host pool and streamkv payloads."""
+    """Views of one registered SGLang host pool's pages in streamkv's section order.
+
+    A view is the pool's own memory, permuted (no copy): ``view[l]`` is layer ``l``'s section of
+    the page. The engine copies sections straight between such views and its objects, so the
+    re-ordering between SGLang's layout and streamkv's is the one copy each way."""
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool
         self.geo = PoolGeometry.of(pool)
-        self._stage: torch.Tensor | None = None
-        self._stage_lock = threading.Lock()
         self._to_canon = self.geo.native_to_canonical()
-        self._from_canon = _inverse(self._to_canon)
 
     @property
     def page_bytes(self) -> int:
@@ -145,7 +145,7 @@ class PageCodec:
             raise ValueError(f"host_indices has {host_indices.numel()} slots for {n_pages} pages of {P}")
         return host_indices.reshape(n_pages, P)[:, 0]
 
-    # ---- interface_v1: straight out of / into the pool's pages ----
+    # ---- interface_v1: the pool's pages in place ----
 
     def _native(self, start: int) -> torch.Tensor:
         """A view (no copy) of one page in the pool, through SGLang's own ``get_data_page``.
@@ -154,81 +154,23 @@ class PageCodec:
         as SGLang's page allocator hands them out and its own accessors assume."""
         return self.pool.get_data_page(start, flat=False).view(self.geo.native_page_shape())
 
-    def _gather_into(self, out: torch.Tensor, starts: Sequence[int]) -> np.ndarray:
-        for i, start in enumerate(starts):
-            out[i].copy_(self._native(int(start)).permute(*self._to_canon))
-        return out.view(torch.uint8).reshape(len(starts), self.geo.page_bytes).numpy()
-
-    def gather(self, host_indices: torch.Tensor, n_pages: int) -> np.ndarray:
-        """Copy ``n_pages`` pages out of the pool into a new ``(n_pages, page_bytes)`` uint8 array."""
+    def page_views(self, host_indices: torch.Tensor, n_pages: int) -> list[np.ndarray]:
+        """Layer-first views of the ``n_pages`` pool pages at ``host_indices`` (no copy)."""
         starts = self.page_starts(host_indices, n_pages).tolist()
-        return self._gather_into(torch.empty((n_pages, *self.geo.canonical_shape), dtype=self.geo.dtype), starts)
-
-    @contextmanager
-    def gathered(self, host_indices: torch.Tensor, n_pages: int) -> Iterator[np.ndarray]:
-        """Like ``gather``, into a staging buffer that is valid until the block ends.
-
-        The stage is kept and reused: a fresh buffer per batch costs more in page
-        faults than the copy itself. A second caller while the stage is busy, or a
-        batch larger than ``STAGE_BYTES``, gets a fresh buffer."""
-        g = self.geo
-        starts = self.page_starts(host_indices, n_pages).tolist()
-        reuse = n_pages * g.page_bytes <= STAGE_BYTES and self._stage_lock.acquire(blocking=False)
-        try:
-            if reuse:
-                if self._stage is None or self._stage.shape[0] < n_pages:
-                    pages = max(n_pages, min(STAGE_BYTES // g.page_bytes, 128))
-                    self._stage = torch.empty((pages, *g.canonical_shape), dtype=g.dtype)
-                out = self._stage[:n_pages]
-            else:
-                out = torch.empty((n_pages, *g.canonical_shape), dtype=g.dtype)
-            yield self._gather_into(out, starts)
-        finally:
-            if reuse:
-                self._stage_lock.release()
-
-    def scatter(self, host_indices: torch.Tensor, payloads: Sequence[Any]) -> None:
-        """Write whole-page payloads (canonical order) into the pool at the given pages.
-
-        ``payloads[i]`` goes to page ``i`` of ``host_indices``; pass only the
-        pages to write. One re-ordering copy per page, payload → pool."""
-        g = self.geo
-        n = len(payloads)
-        if n == 0:
-            return
-        starts = host_indices[: n * g.page_size].reshape(n, g.page_size)[:, 0].tolist()
-        for start, payload in zip(starts, payloads):
-            raw = np.frombuffer(payload, dtype=np.uint8, count=g.page_bytes)
-            if not raw.flags.writeable:  # torch wants writable memory; copy only then
-                raw = raw.copy()
-            src = torch.from_numpy(raw).view(g.dtype).view(g.canonical_shape)
-            self._native(int(start)).copy_(src.permute(*self._from_canon))
+        return [as_numpy(self._native(int(s)).permute(*self._to_canon)) for s in starts]
 
     # ---- generic path: flat page tensors in the pool's own order ----
 
-    def flat_to_payload(self, flat: torch.Tensor) -> np.ndarray:
-        """A flat page from ``get_data_page(flat=True)`` as a canonical payload."""
+    def flat_view(self, flat: torch.Tensor) -> np.ndarray:
+        """A flat page tensor (``get_data_page(flat=True)`` / ``get_dummy_flat_data_page()``) as a
+        layer-first view (no copy)."""
         g = self.geo
-        if flat.numel() * flat.element_size() != g.page_bytes or flat.dtype != g.dtype:
+        if flat.numel() * flat.element_size() != g.page_bytes or flat.dtype != g.dtype or flat.device.type != "cpu":
             raise ValueError(
-                f"page tensor has {flat.numel()} x {flat.dtype}; "
-                f"expected {g.page_bytes // g.dtype.itemsize} x {g.dtype}"
+                f"page tensor has {flat.numel()} x {flat.dtype} on {flat.device}; "
+                f"expected {g.page_bytes // g.dtype.itemsize} x {g.dtype} on the CPU"
             )
-        page = flat.reshape(self.geo.native_page_shape()).permute(*self._to_canon)
-        return _as_bytes(page)
-
-    def payload_to_flat(self, payload: Any, target: torch.Tensor) -> torch.Tensor:
-        """Fill a flat page tensor (``get_dummy_flat_data_page()``) from a canonical payload."""
-        g = self.geo
-        if target.numel() * target.element_size() != g.page_bytes or target.dtype != g.dtype:
-            raise ValueError(f"target tensor has {target.numel()} x {target.dtype}; expected one page of {g.dtype}")
-        raw = np.frombuffer(payload, dtype=np.uint8, count=g.page_bytes)
-        if not raw.flags.writeable:  # torch wants writable memory; copy only then
-            raw = raw.copy()
-        src = torch.from_numpy(raw).view(g.dtype).view(g.canonical_shape)
-        native = src.permute(*self._from_canon)
-        target.view(self.geo.native_page_shape()).copy_(native)
-        return target
+        return as_numpy(flat.view(g.native_page_shape()).permute(*self._to_canon))
 
 
 def layout_for(geo: PoolGeometry, kv_dtype: str) -> KVLayout:
