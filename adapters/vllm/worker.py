@@ -25,6 +25,7 @@ from streamkv.layout import KVLayout
 from streamkv.pipeline.handle import RetrieveHandle
 from streamkv.pipeline.paged import gather_pages
 
+from streamkv.adapters.vllm.cpu_threads import helper_cpus, pin_current_thread, pin_threads
 from streamkv.adapters.vllm.metadata import LoadSpec, SaveSpec, StreamKVConnectorMetadata, StreamKVWorkerMetadata
 from streamkv.adapters.vllm.paged_layout import (
     KVPacking,
@@ -63,8 +64,13 @@ class WorkerSide:
     """Loads and saves for one worker (one TP rank)."""
 
     def __init__(self, engine: StreamKVEngine, layer_names: tuple[str, ...], packing: KVPacking,
-                 block_size: int, tp_rank: int, num_blocks: int | None = None) -> None:
+                 block_size: int, tp_rank: int, num_blocks: int | None = None, *,
+                 promote_after_load: bool = False) -> None:
         self.engine = engine
+        # Copy loaded objects up into the faster tiers once their load is over (the engine's
+        # store is then built with promote_on_hit off): see _promote_loaded.
+        self.promote_after_load = promote_after_load
+        self._promoting: set[str] = set()
         self.layout: KVLayout = engine.layout
         self.layer_index = {name: i for i, name in enumerate(layer_names)}
         self.layer_names = layer_names
@@ -74,9 +80,14 @@ class WorkerSide:
         self.pages: list[LayerPages] = []
         self.num_blocks = num_blocks  # the scheduler's (manager) blocks
         self.kernel_ratio = 1  # kernel blocks per manager block (vLLM may split blocks for a backend)
-        self._copy_pool = ThreadPoolExecutor(1, thread_name_prefix="streamkv-vllm-save")
-        self._wait_pool = ThreadPoolExecutor(2, thread_name_prefix="streamkv-vllm-load")
-        self._write_pool = ThreadPoolExecutor(1, thread_name_prefix="streamkv-vllm-write")
+        # Off the cores vLLM's OpenMP team is bound to (cpu_threads.py): on a CPU worker the
+        # threads started from the main thread would otherwise share its single core.
+        self.helper_cpus = helper_cpus()
+        self._pin_engine_threads()
+        pools = dict(initializer=pin_current_thread, initargs=(self.helper_cpus,))
+        self._copy_pool = ThreadPoolExecutor(1, thread_name_prefix="streamkv-vllm-save", **pools)
+        self._wait_pool = ThreadPoolExecutor(2, thread_name_prefix="streamkv-vllm-load", **pools)
+        self._write_pool = ThreadPoolExecutor(1, thread_name_prefix="streamkv-vllm-write", **pools)
         self._sync_loads: list[_Load] = []
         self._async_loads: dict[str, _Load] = {}
         self._saves: list[_Save] = []
@@ -85,7 +96,25 @@ class WorkerSide:
         self._saved_keys: set[str] = set()
         self._failed_keys: set[str] = set()
         self._pending: dict[str, Future[int]] = {}  # key -> write under way
+        self._promotions: list[Future[None]] = []
         self.stats = StepStats()
+
+    def _pin_engine_threads(self) -> None:
+        """Move the engine's loop thread (and so every I/O and codec thread it starts)."""
+        cpus = self.helper_cpus
+        if not cpus:
+            return
+
+        async def pin() -> None:
+            pin_current_thread(cpus)
+
+        try:
+            self.engine.runtime.call(pin)
+            pin_threads(("AnyIO worker thread",), cpus)  # those the loop started already
+        except Exception as exc:  # only placement: never a reason to fail
+            log.warning("could not place streamkv's threads", error=repr(exc))
+            return
+        log.info("streamkv threads placed", cpus=sorted(cpus))
 
     # -- registration --------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -162,6 +191,56 @@ class WorkerSide:
                         tokens=(spec.start, spec.end), valid_end=valid_end, blocks=len(bad))
         self.stats.record_load(valid_end - spec.start, load.sink.bytes_written,
                                time.perf_counter() - load.started)
+        intact = max(0, -(-(valid_end - spec.first_chunk * C) // C))
+        self._promote_loaded(spec.rank_keys[self.tp_rank][:intact])
+
+    def _promote_loaded(self, keys: list[str]) -> None:
+        """Copy objects a load found only in a slower tier into the faster ones, in the background.
+
+        Why not the store's own promote-on-hit: it starts copying whole objects at the first
+        section read, so on a small CPU the copies compete with the very sections the forward
+        is waiting for (a fresh-engine disk hit at 2k tokens waited ~3x longer for its layers).
+        Here the copy starts after the load has delivered every layer, one object at a time."""
+        tiers = list(getattr(self.engine.store, "tiers", ()))
+        if not self.promote_after_load or len(tiers) < 2 or not keys:
+            return
+        with self._lock:
+            keys = [k for k in keys if k not in self._promoting]
+            self._promoting.update(keys)
+        if not keys:
+            return
+
+        async def promote() -> None:
+            try:
+                todo = list(keys)
+                for i, tier in enumerate(tiers):
+                    if not todo:
+                        break
+                    found = await tier.exists_many(todo)
+                    held = [k for k, f in zip(todo, found) if f]
+                    todo = [k for k, f in zip(todo, found) if not f]
+                    if i == 0:
+                        continue
+                    for key in held:
+                        data = await tier.get(key)
+                        if data is None:
+                            continue
+                        for upper in tiers[:i]:
+                            await upper.put(key, data)
+                        self.stats.record_promotion(len(memoryview(data).cast("B")))
+            except Exception as exc:  # a failed copy up only means the next hit reads lower
+                log.warning("promotion after load failed", error=repr(exc))
+            finally:
+                with self._lock:
+                    self._promoting.difference_update(keys)
+
+        try:
+            future = self.engine.runtime.submit(promote)
+            self._promotions = [f for f in self._promotions if not f.done()] + [future]
+        except Exception as exc:
+            log.warning("promotion after load not started", error=repr(exc))
+            with self._lock:
+                self._promoting.difference_update(keys)
 
     def _fail_whole(self, spec: LoadSpec, why: str) -> None:
         self._load_errors.update(blocks_for_tokens(spec.block_ids, self.block_size, spec.start, spec.end))
@@ -314,10 +393,11 @@ class WorkerSide:
         return StreamKVWorkerMetadata(saved_keys=saved, failed_keys=failed)
 
     def flush(self, timeout: float = 60.0) -> None:
-        """Wait until every handed-over save reached every tier."""
+        """Wait until every handed-over save reached every tier, and every promotion is done."""
         with self._lock:
             pending = list({id(f): f for f in self._pending.values()}.values())
-        for f in pending:
+        promotions, self._promotions = self._promotions, []
+        for f in pending + promotions:
             try:
                 f.result(timeout=timeout)
             except Exception:  # failures are reported through worker metadata

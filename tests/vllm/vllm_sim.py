@@ -159,7 +159,6 @@ class Sim:
         """Overwrite every page with fresh noise."""
         gen = torch.Generator().manual_seed(seed)
         for kv in self.caches.values():
-            flat = kv.view(torch.uint8) if kv.element_size() == 1 else kv
             noise = torch.randint(0, 255, tuple(kv.shape), dtype=torch.uint8, generator=gen)
             kv.copy_(noise.to(kv.dtype))
 
