@@ -152,20 +152,46 @@ def encode_chunk(
         body, codec = _maybe_compress(raw, compression)
         stored.append((body, codec, len(raw), xxhash.xxh3_64_intdigest(body)))
     hsize = header_size(layout.num_layers)
-    total = hsize + sum(len(b) for b, *_ in stored)
-    out = bytearray(total)
-    _FIXED.pack_into(
-        out, 0, MAGIC, FORMAT_VERSION, 0, hsize, layout.num_layers, tokens, layout.chunk_size,
-        namespace.digest, layout.num_kv_heads, layout.head_size, _DTYPE_CODES[layout.dtype], int(layout.mla),
-    )
-    pos, offset = _FIXED.size, hsize
+    out = bytearray(hsize + sum(len(b) for b, *_ in stored))
+    entries, offset = [], hsize
     for body, codec, raw_len, checksum in stored:
-        _ENTRY.pack_into(out, pos, offset, len(body), raw_len, checksum, codec)
+        entries.append((offset, len(body), raw_len, checksum, codec))
         out[offset : offset + len(body)] = body
-        pos += _ENTRY.size
         offset += len(body)
-    _TAIL.pack_into(out, pos, xxhash.xxh3_64_intdigest(memoryview(out)[:pos]))
+    _pack_header(out, namespace, layout, tokens, entries)
     return out
+
+
+def seal_raw_chunk(buf: object, namespace: Namespace, layout: KVLayout) -> None:
+    """Finish a whole raw chunk built in place: ``buf`` holds ``header_size`` bytes of room,
+    then every layer's section in order; checksum them and write the header. The result is
+    byte for byte ``encode_chunk(..., compression="off")`` of those sections, without the
+    copy into a new object (adapters copy a caller's pages straight into ``buf``)."""
+    view = memoryview(buf).cast("B")  # type: ignore[arg-type]
+    hsize, n = header_size(layout.num_layers), layout.section_bytes
+    if len(view) < hsize + layout.chunk_bytes:
+        raise ValueError(f"buffer of {len(view)} bytes; a raw chunk needs {hsize + layout.chunk_bytes}")
+    entries = []
+    for layer in range(layout.num_layers):
+        offset = hsize + layer * n
+        entries.append((offset, n, n, xxhash.xxh3_64_intdigest(view[offset : offset + n]), CODEC_RAW))
+    _pack_header(view, namespace, layout, layout.chunk_size, entries)
+
+
+def _pack_header(out: object, namespace: Namespace, layout: KVLayout, tokens: int,
+                 entries: Sequence[tuple[int, int, int, int, int]]) -> None:
+    """The header (fixed part, ``(offset, stored_len, raw_len, checksum, codec)`` per layer,
+    then the header's own checksum) into the start of ``out``."""
+    _FIXED.pack_into(
+        out, 0, MAGIC, FORMAT_VERSION, 0, header_size(layout.num_layers), layout.num_layers, tokens,
+        layout.chunk_size, namespace.digest, layout.num_kv_heads, layout.head_size,
+        _DTYPE_CODES[layout.dtype], int(layout.mla),
+    )
+    pos = _FIXED.size
+    for entry in entries:
+        _ENTRY.pack_into(out, pos, *entry)
+        pos += _ENTRY.size
+    _TAIL.pack_into(out, pos, xxhash.xxh3_64_intdigest(memoryview(out)[:pos]))  # type: ignore[arg-type]
 
 
 def parse_header(

@@ -42,6 +42,16 @@ class StoreConformance:
             assert not await store.delete(key(99))
         run(go)
 
+    def test_exists_now_never_contradicts_exists(self, store: Store) -> None:
+        """The synchronous answer is the async one, or None ("cannot tell here")."""
+        async def go() -> None:
+            assert store.exists_now(key(98)) in (False, None)
+            await store.put(key(98), b"x" * 100)
+            assert store.exists_now(key(98)) in (True, None)
+            await store.delete(key(98))
+            assert store.exists_now(key(98)) in (False, None)
+        run(go)
+
     def test_ranges(self, store: Store) -> None:
         async def go() -> None:
             data = os.urandom(4096)

@@ -255,11 +255,11 @@ def test_write_from_and_read_into_strided_views(tmp_path: Path, monkeypatch: pyt
                                                 tiers: tuple[str, ...], mapped: bool) -> None:
     """Sources and destinations in another memory layout: the one copy each way re-orders them.
     Large objects are read in place from the local tiers (``mapped``), small ones whole."""
-    import streamkv.engine as engine_module
+    import streamkv.chunk_objects as chunk_objects
 
-    monkeypatch.setattr(engine_module, "_MAPPED_READ_BYTES", 0 if mapped else 1 << 40)
+    monkeypatch.setattr(chunk_objects, "_MAPPED_READ_BYTES", 0 if mapped else 1 << 40)
     with make_engine(tmp_path, tiers=tiers) as engine:
-        assert engine._mapped_reads() is mapped
+        assert engine.objects._mapped_reads() is mapped
         if mapped:  # in place: the header's view leads to the whole object, never a whole get
 
             async def no_whole_gets(key: str) -> None:
@@ -283,8 +283,9 @@ def test_write_from_and_read_into_strided_views(tmp_path: Path, monkeypatch: pyt
 
 
 def test_in_place_encoding_is_encode_chunk_byte_for_byte(tmp_path: Path) -> None:
-    """The engine packs raw objects itself (no intermediate copy); they must stay exactly what
-    format.encode_chunk writes, or readers elsewhere (the layer-wise producer) would reject them."""
+    """Raw objects are sealed in place (format.seal_raw_chunk, no intermediate copy); they must stay
+    exactly what format.encode_chunk writes, or readers elsewhere (the layer-wise producer) would
+    reject them."""
     from streamkv.format import encode_chunk
 
     with make_engine(tmp_path, tiers=("disk",), compression="off") as engine:
@@ -315,9 +316,9 @@ def test_read_into_misses_leave_destinations_untouched(tmp_path: Path, monkeypat
                                                         mapped: bool, damage: str) -> None:
     """A corrupt, truncated or foreign object is a miss and is never copied; with ``prefix`` the
     objects after it are neither copied nor reported, without it they are."""
-    import streamkv.engine as engine_module
+    import streamkv.chunk_objects as chunk_objects
 
-    monkeypatch.setattr(engine_module, "_MAPPED_READ_BYTES", 0 if mapped else 1 << 40)
+    monkeypatch.setattr(chunk_objects, "_MAPPED_READ_BYTES", 0 if mapped else 1 << 40)
     with make_engine(tmp_path, tiers=("disk",)) as engine:
         pages = [_page(10 + i) for i in range(4)]
         keys = [engine.object_key(f"d{i}") for i in range(4)]
@@ -333,7 +334,7 @@ def test_read_into_misses_leave_destinations_untouched(tmp_path: Path, monkeypat
                 other.write_chunks_from([other.object_key("d1")], [_token_major(pages[1])])
                 data = bytearray((tmp_path / "other" / "disk" / other.object_key("d1")).read_bytes())
         path.write_bytes(bytes(data))
-        assert engine._mapped_reads() is mapped
+        assert engine.objects._mapped_reads() is mapped
 
         out = [np.zeros_like(p) for p in pages]
         assert engine.read_chunks_into(keys, [_token_major(o) for o in out], prefix=True) == [True, False, False, False]
@@ -368,7 +369,7 @@ def test_reused_object_buffers_never_change_a_stored_object(tmp_path: Path, tier
         for b, pages in enumerate(batches):
             keys = [engine.object_key(f"r{b}-{i}") for i in range(6)]
             assert engine.write_chunks_from(keys, [_token_major(p) for p in pages]) == [True] * 6
-        recycled = len(engine.__dict__.get("_free_buffers", []))
+        recycled = len(engine.objects._free_buffers)
         assert (recycled > 0) == (tiers == ("disk",))
         engine.flush()
     with make_engine(tmp_path, tiers=("disk",)) as reader:  # the disk alone, after a restart

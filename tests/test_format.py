@@ -9,7 +9,7 @@ import pytest
 
 from streamkv.format import (
     CODEC_LZ4, CODEC_RAW, BadMagic, ChecksumMismatch, LayoutMismatch, NamespaceMismatch, Truncated,
-    UnsupportedVersion, decode_chunk, decode_section, encode_chunk, header_size, parse_header,
+    UnsupportedVersion, decode_chunk, decode_section, encode_chunk, header_size, parse_header, seal_raw_chunk,
 )
 from streamkv.keys import Namespace
 from streamkv.layout import KVLayout
@@ -120,3 +120,14 @@ def test_mla_layout_round_trip() -> None:
                 for i in range(3)]
     _, decoded = decode_chunk(encode_chunk(ns, mla, sections), ns, mla)
     assert [bytes(d) for d in decoded] == sections
+
+
+def test_sealing_a_chunk_built_in_place_is_encode_chunk_byte_for_byte() -> None:
+    sections = random_sections()
+    buf = bytearray(header_size(LAYOUT.num_layers)) + b"".join(sections)
+    seal_raw_chunk(buf, NS, LAYOUT)
+    assert bytes(buf) == bytes(encode_chunk(NS, LAYOUT, sections, compression="off"))
+    _, decoded = decode_chunk(buf, NS, LAYOUT)
+    assert [bytes(d) for d in decoded] == sections
+    with pytest.raises(ValueError, match="raw chunk needs"):
+        seal_raw_chunk(bytearray(len(buf) - 1), NS, LAYOUT)

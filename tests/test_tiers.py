@@ -466,3 +466,26 @@ def test_an_object_being_evicted_is_not_indexed_again(tmp_path: Path) -> None:
         assert disk.used_bytes == sum(disk._index.values()) == 2000
         assert not await disk.exists(key(0))
     run(go)
+
+
+def test_exists_now_answers_from_the_tiers_own_state(tmp_path: Path) -> None:
+    """On the caller's thread: memory's map, disk's index or a stat of a file another process
+    wrote (not indexed by the question), objects being demoted; False only where every tier
+    could answer."""
+    memory, disk = MemoryStore(1 << 20), DiskStore(tmp_path / "d", 1 << 20)
+    tiered = TieredStore([memory, disk])
+    run(lambda: memory.put(key(1), b"m" * 10))
+    run(lambda: disk.put(key(2), b"d" * 10))
+    assert [tiered.exists_now(key(i)) for i in (1, 2, 3)] == [True, True, False]
+    (tmp_path / "d" / key(4)).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "d" / key(4)).write_bytes(b"another process")
+    assert tiered.exists_now(key(4)) is True and key(4) not in disk._index
+    tiered._moving[key(5)] = b"in transit"
+    assert tiered.exists_now(key(5)) is True
+
+    class Remote(MemoryStore):  # a tier that cannot answer in process (S3, the daemon)
+        def exists_now(self, key: str) -> None:
+            return None
+
+    with_remote = TieredStore([memory, Remote(1 << 20)])
+    assert with_remote.exists_now(key(1)) is True and with_remote.exists_now(key(3)) is None

@@ -31,12 +31,12 @@ from sglang.srt.mem_cache.hicache_storage import (
 
 from streamkv.engine import StreamKVEngine
 from streamkv.errors import ConfigError
+from streamkv.keys import prefix_hits
 from streamkv.layout import DTYPE_SIZES, dtype_name
 from streamkv.store.base import Store
 
 from .counters import BackendCounters
 from .extra_config import AdapterSettings, parse_extra_config
-from .local_index import LocalIndex
 from .namespace import is_writer, model_identity, namespace_for
 from .page_codec import PageCodec, layout_for
 from .presence import PresenceCache
@@ -84,7 +84,6 @@ class StreamKVStorage(HiCacheStorage):
         self.engine: StreamKVEngine | None = None
         self.codec: PageCodec | None = None
         self.presence: PresenceCache | None = None
-        self.local: LocalIndex | None = None
         self._tiers = tiers  # tests and benchmarks may hand in ready tiers
         log.info(
             "streamkv storage backend created",
@@ -117,7 +116,6 @@ class StreamKVStorage(HiCacheStorage):
             self.engine.close()
         self.engine = StreamKVEngine(config, layout, namespace, tiers=self._tiers_for(config))
         self.presence = PresenceCache(self.engine.object_key, self.settings.exists_cache_ttl_s)
-        self.local = LocalIndex(self.engine.store)
         self.codec = codec
         self.counters.page_bytes = codec.page_bytes
         log.info("streamkv storage bound to host pool", namespace=namespace.id, layout=layout.describe(),
@@ -144,11 +142,6 @@ class StreamKVStorage(HiCacheStorage):
         assert self.presence is not None
         return self.presence
 
-    @property
-    def _local(self) -> LocalIndex:
-        assert self.local is not None
-        return self.local
-
     # ---- engine calls: one per batch; the engine fetches/encodes and stores the pages
     # concurrently and copies them straight between the host pool and its objects ----
 
@@ -167,7 +160,7 @@ class StreamKVStorage(HiCacheStorage):
         """Store the pages not stored yet; per page, True when it is (now) stored."""
         engine, _ = self._ready()
         store_keys = self._presence.store_keys(keys)
-        stored = self._local.lookup(store_keys)
+        stored = engine.exists_now(store_keys)  # no hop onto the loop where tiers can answer here
         unknown = [i for i, s in enumerate(stored) if s is None]
         if unknown:  # a tier that cannot answer here (S3, the daemon): ask the engine
             for i, have in zip(unknown, engine.exists_many([store_keys[i] for i in unknown])):
@@ -202,10 +195,11 @@ class StreamKVStorage(HiCacheStorage):
         hits = known
         if known < len(keys):
             rest = self._presence.store_keys(keys[known:])
-            local, final = self._local.leading(rest)
+            here = engine.exists_now(rest, prefix=True)  # on this thread, from the tiers' indexes
+            local = prefix_hits(here)
             hits += local
             self.counters.add("exists_answered_locally", local)
-            if not final:  # the next page is unknown here: ask every tier through the engine
+            if local < len(here) and here[local] is None:  # a tier that cannot answer here may hold it
                 hits += engine.exists_prefix(rest[local:])
             self._presence.mark_present(keys[known:hits])
         self.counters.add("exists_queries")

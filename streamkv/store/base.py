@@ -83,6 +83,13 @@ class Store(ABC):
     @abstractmethod
     async def exists(self, key: str) -> bool: ...
 
+    def exists_now(self, key: str) -> bool | None:
+        """Presence from this process's own state, on the calling thread (any thread; reads
+        only, no I/O on the store's loop): what an engine's hot "is it there?" question needs
+        when a hop onto the loop costs more than the answer. None where the tier cannot tell
+        here (S3, the daemon): ask ``exists``."""
+        return None
+
     @abstractmethod
     async def delete(self, key: str) -> bool:
         """True when something was deleted."""

@@ -395,6 +395,18 @@ class DiskStore(Store):
     async def exists(self, key: str) -> bool:
         return self._known(key)
 
+    def exists_now(self, key: str) -> bool:
+        """``exists`` without indexing a file another process wrote (that is the loop's to do,
+        when the object is read): the index, else a ``stat`` of the file."""
+        if key in self._index:
+            return True
+        if key in self._evicting:
+            return False
+        try:
+            return os.path.exists(self._path(key))
+        except ValueError:  # not a key this store could hold
+            return False
+
     async def exists_many(self, keys: Sequence[str]) -> list[bool]:
         return [self._known(k) for k in keys]
 

@@ -123,6 +123,9 @@ class MemoryStore(Store):
     async def exists(self, key: str) -> bool:
         return key in self._objects
 
+    def exists_now(self, key: str) -> bool:
+        return key in self._objects
+
     async def exists_many(self, keys: Sequence[str]) -> list[bool]:
         return [k in self._objects for k in keys]
 

@@ -188,6 +188,19 @@ class TieredStore(Store):
             found[i] = keys[i] in self._moving
         return found
 
+    def exists_now(self, key: str) -> bool | None:
+        """Held by some tier (or between two, being demoted) as far as this process can tell;
+        None where a tier that cannot answer here may hold it."""
+        unknown = False
+        for tier in self.tiers:
+            held = tier.exists_now(key)
+            if held:
+                return True
+            unknown = unknown or held is None
+        if key in self._moving:
+            return True
+        return None if unknown else False
+
     async def where(self, keys: Sequence[str]) -> list[list[str]]:
         """For each key, the names of the tiers that hold it."""
         per_tier = [await t.exists_many(keys) for t in self.tiers]

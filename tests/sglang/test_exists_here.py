@@ -1,6 +1,6 @@
 """``batch_exists`` (and the set path's "already stored?") answered on SGLang's thread from the
-tiers' in-memory indexes, without a hop onto the engine's event loop; the engine is asked only
-where a tier cannot answer here."""
+tiers' in-memory indexes (``engine.exists_now``), without a hop onto the engine's event loop;
+the engine is asked only where a tier cannot answer here."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from typing import Any
 import pytest
 
 pytest.importorskip("sglang", reason="needs the sglang environment (.venv-sglang, `make test-sglang`)")
-
-from streamkv.adapters.sglang.local_index import LocalIndex  # noqa: E402
 
 from .pools import fill_random, mha_pool, page_hashes  # noqa: E402
 
@@ -37,7 +35,6 @@ def test_fresh_instance_answers_from_the_indexes(tiers: str, extra: dict, make_b
     writer.flush()
 
     reader = writer if tiers == "memory" else make_backend(extra, pool)  # a restart sees the disk
-    assert reader.local.complete
     _no_engine_lookups(reader, monkeypatch)
     assert reader.batch_exists(keys) == 4
     assert reader.batch_exists(keys[1:3]) == 2
@@ -65,26 +62,19 @@ def test_a_page_another_process_wrote_is_found_on_disk(extra: dict, make_backend
     assert reader.batch_exists(keys) == 3
 
 
-def test_tiers_that_cannot_answer_here_go_through_the_engine() -> None:
-    class Remote:  # a tier without an in-process index (S3, the daemon)
-        name = "s3"
-
-    class Store:
-        def __init__(self, tiers: list[Any]) -> None:
-            self.tiers = tiers
-            self._moving: dict[str, bytes] = {}
-
-    from streamkv.store.memory import MemoryStore
-
-    memory = MemoryStore(1 << 20)
-    memory.put_now("ns/held", b"x")
-    index = LocalIndex(Store([memory, Remote()]))
-    assert not index.complete
-    assert index.lookup(["ns/held", "ns/elsewhere"]) == [True, None]
-    assert index.leading(["ns/held", "ns/elsewhere", "ns/held"]) == (1, False)
-    complete = LocalIndex(Store([memory]))
-    assert complete.lookup(["ns/held", "ns/elsewhere"]) == [True, False]
-    assert complete.leading(["ns/held", "ns/elsewhere"]) == (1, True)
-    moving = Store([memory])
-    moving._moving["ns/travelling"] = b"y"  # write_back: between two tiers, still stored
-    assert LocalIndex(moving).lookup(["ns/travelling"]) == [True]
+def test_tiers_that_cannot_answer_here_go_through_the_engine(extra: dict, make_backend: Any) -> None:
+    """A key no in-process tier holds is "unknown" when a tier that cannot answer here (S3, the
+    daemon) is configured: batch_exists then asks the engine, which asks every tier."""
+    extra.update(tiers="memory", exists_cache_ttl_s=0)
+    pool = mha_pool(page_size=4)
+    fill_random(pool, seed=7)
+    backend = make_backend(extra, pool)
+    keys = page_hashes(3, "unknown-here")
+    assert backend.batch_set_v1(keys[:2], pool.alloc(8)) == [True] * 2
+    asked: list[list[str]] = []
+    engine = backend.engine
+    exists_prefix = engine.exists_prefix
+    engine.store.tiers[0].exists_now = lambda key: None  # as S3's tier answers
+    engine.exists_prefix = lambda ks: asked.append(list(ks)) or exists_prefix(ks)
+    assert backend.batch_exists(keys) == 2
+    assert len(asked) == 1 and len(asked[0]) == 3
