@@ -34,6 +34,7 @@ from streamkv.layout import KVLayout
 from streamkv.read_gate import ReadGate
 from streamkv.store.base import Store
 from streamkv.store.disk import DiskStore
+from streamkv.store.in_place import reads_in_place, whole_object
 from streamkv.store.limits import Limits
 from streamkv.store.memory import MemoryStore
 
@@ -45,17 +46,6 @@ _RECYCLE_BYTES = 320 << 20
 _MAPPED_READ_BYTES = 4 << 20
 # Bytes of objects one write wave encodes (two waves are in memory at most: one being put).
 _WAVE_BYTES = 64 << 20
-
-
-def _mapping_disk(tier: Any) -> bool:
-    return bool(getattr(tier, "mmap_reads", False)) and not getattr(tier, "direct_reads", True)
-
-
-def _address(buf: Any) -> int:
-    """Where a buffer's bytes start (without reading them)."""
-    return int(np.frombuffer(buf, dtype=np.uint8, count=1).ctypes.data)
-
-
 
 
 class ChunkObjects:
@@ -252,39 +242,28 @@ class ChunkObjects:
         return gate.results()
 
     def _mapped_reads(self) -> bool:
-        """Read objects in place (ranged reads that are views of the tier's mapping or buffer)
-        rather than whole: only where every tier is memory (its buffers are never reused) or a
-        disk reading through mmap (its files are replaced by rename, never changed in place; not
-        ``direct_reads``, whose views are of pooled buffers that other reads reuse), and objects
-        are large. Measured on the development VM: a fresh buffer per object of several MiB costs
-        more than reading into it (page faults, unmapping), and mapped cold reads of small files
-        were slower than whole reads. A store read into caller buffers would replace both."""
-        tiers = getattr(self.store, "tiers", None)
-        return bool(tiers) and self.layout.chunk_bytes >= _MAPPED_READ_BYTES and all(
-            isinstance(t, MemoryStore) or (isinstance(t, DiskStore) and _mapping_disk(t)) for t in tiers
-        )
+        """Read objects in place (``store/in_place.py``) rather than whole: where every tier
+        allows it and objects are large. Measured on the development VM: a fresh buffer per
+        object of several MiB costs more than reading into it (page faults, unmapping), and
+        mapped cold reads of small files were slower than whole reads. A store read into
+        caller buffers would replace both."""
+        return self.layout.chunk_bytes >= _MAPPED_READ_BYTES and reads_in_place(self.store)
 
     async def _fetch_object(self, key: str, mapped: bool) -> list[Any] | None:
         """``[the object's bytes]`` (from offset 0; maybe longer than the object), or None: a miss.
 
         ``mapped``: a ranged read of the header, whose view slices the tier's own mapping of the
         file or its buffer: that whole mapping is the object, read in place with no copy (the
-        disk tier has started reading the file ahead). Otherwise, or where the view is not such
-        a slice, a whole-object get. Bytes that are not the object's fail verification."""
+        lane that verifies it waits for the disk, not the loop). Otherwise, or where the view is
+        not such a slice, a whole-object get. Bytes that are not the object's fail verification."""
         if mapped:
             hsize = header_size(self.layout.num_layers)
             parts = await self.store.get_ranges(key, [(0, hsize)])
             if parts is None:
                 return None
-            whole = getattr(parts[0], "obj", None)  # a memoryview's exporter: what it slices
+            whole = whole_object(parts[0], hsize)
             if whole is not None:
-                try:  # the same memory from offset 0 (compared by address: reading it here would
-                    # wait for the disk on the loop; the lane that verifies it waits instead)
-                    view = memoryview(whole).cast("B")
-                    if len(view) >= hsize and _address(view) == _address(parts[0]):
-                        return [view]
-                except (TypeError, ValueError):
-                    pass
+                return [whole]
         obj = await self.store.get(key)
         return None if obj is None else [obj]
 

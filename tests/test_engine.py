@@ -378,3 +378,34 @@ def test_reused_object_buffers_never_change_a_stored_object(tmp_path: Path, tier
             out = [np.zeros_like(p) for p in pages]
             assert reader.read_chunks_into(keys, [_token_major(o) for o in out]) == [True] * 6
             assert all(np.array_equal(o, p) for o, p in zip(out, pages))
+
+
+@pytest.mark.parametrize("direct_reads", [False, True], ids=["mmap", "direct"])
+def test_disk_sections_are_sliced_in_place_from_the_header_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 direct_reads: bool) -> None:
+    """Reading through mmap, a retrieve asks the disk once per chunk (its header) and slices every
+    section from that mapping: no call per section. O_DIRECT reads return pooled buffers that
+    hold only what was asked, so there every section is its own read. Bytes and the tier's
+    read counter are the same either way."""
+    tokens = np.arange(48)
+    kv = random_kv(48, seed=4)
+    with make_engine(tmp_path, tiers=("disk",), disk_direct_reads=direct_reads) as engine:
+        assert engine.store_kv(tokens, source_of(kv)).result(30) == 3
+        disk = engine.store.tiers[0]
+        calls: list[str] = []
+        inner = disk.get_ranges
+
+        async def counting(key, ranges):  # type: ignore[no-untyped-def]
+            calls.append(key)
+            return await inner(key, ranges)
+
+        monkeypatch.setattr(disk, "get_ranges", counting)
+        before = disk.counters.bytes_read
+        hit, layers = streamed(engine, tokens)
+        assert hit == 48 and layers is not None
+        for layer in range(LAYOUT.num_layers):
+            assert np.array_equal(layers[layer][0], kv[layer][0]) and np.array_equal(layers[layer][1], kv[layer][1])
+        chunks = len(engine.keys(tokens))
+        assert len(calls) == (chunks * (1 + LAYOUT.num_layers) if direct_reads else chunks)
+        from streamkv.format import header_size
+        assert disk.counters.bytes_read - before == chunks * (header_size(LAYOUT.num_layers) + LAYOUT.chunk_bytes)

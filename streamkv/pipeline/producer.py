@@ -6,7 +6,13 @@ fetches layer by layer, each layer's sections from all chunks concurrently, at
 most ``max_inflight`` layers ahead of the consumer (backpressure: a layer's
 slot frees when the consumer has waited for it). Checksums are verified and
 sections copied into the sink on worker threads. A missing or corrupt section
-cuts the valid prefix at its chunk; it is logged and counted, never raised."""
+cuts the valid prefix at its chunk; it is logged and counted, never raised.
+
+Where the tiers return views of whole objects (memory, disk through mmap:
+``store/in_place.py``), each chunk's sections are sliced from the memory its
+header read returned, with no further call into the store: per layer, no thread
+hop, open or mapping per section (at 2048 tokens of SmolLM2 that was 240 of each,
+~50 ms of CPU on two cores beside the forward)."""
 
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from streamkv.layout import KVLayout
 from streamkv.pipeline.handle import RetrieveHandle
 from streamkv.pipeline.sink import LayerSink
 from streamkv.store.base import Store, gather
+from streamkv.store.in_place import reads_in_place, whole_object
 from streamkv.store.limits import Limits
 from streamkv.telemetry.scope import suppress_tier_spans
 
@@ -41,6 +48,7 @@ class LayerwiseProducer:
         self.counters = counters
         self.slots = anyio.Semaphore(max_inflight)
         self.headers: list[ChunkHeader] = []
+        self.objects: list[memoryview | None] = []  # whole objects read in place, per chunk
 
     async def release(self, layer: int) -> None:
         """Free a slot once the consumer has taken ``layer`` (scheduled onto the loop)."""
@@ -70,6 +78,7 @@ class LayerwiseProducer:
     async def _read_headers(self) -> None:
         size = header_size(self.layout.num_layers)
         raw = await gather([lambda k=k: self.store.get_ranges(k, [(0, size)]) for k in self.keys])
+        in_place = reads_in_place(self.store)
         hit = 0
         for i, parts in enumerate(raw):
             if parts is None:
@@ -86,6 +95,7 @@ class LayerwiseProducer:
             if header.num_tokens != self.layout.chunk_size:
                 break
             self.headers.append(header)
+            self.objects.append(whole_object(parts[0], header.total_len) if in_place else None)
             hit += 1
         self.sink.begin(hit)
         self.handle.set_hit(hit)
@@ -138,6 +148,11 @@ class LayerwiseProducer:
             log.warning("could not delete a corrupt chunk", key=self.keys[chunk], error=repr(exc))
 
     async def _fetch_section(self, chunk: int, layer: int) -> memoryview | None:
+        whole = self.objects[chunk]
+        if whole is not None:
+            off, n = self.headers[chunk].section_range(layer)
+            self.store.count_read_in_place(self.keys[chunk], n)
+            return whole[off : off + n]
         parts = await self.store.get_ranges(self.keys[chunk], [self.headers[chunk].section_range(layer)])
         return None if parts is None else parts[0]
 

@@ -83,6 +83,11 @@ class Store(ABC):
     @abstractmethod
     async def exists(self, key: str) -> bool: ...
 
+    def count_read_in_place(self, key: str, nbytes: int) -> None:
+        """A caller read ``nbytes`` of ``key`` by slicing memory a ranged read returned
+        (``store/in_place.py``) instead of asking again: counted as read from this tier."""
+        self.counters.bytes_read += nbytes
+
     def exists_now(self, key: str) -> bool | None:
         """Presence from this process's own state, on the calling thread (any thread; reads
         only, no I/O on the store's loop): what an engine's hot "is it there?" question needs

@@ -188,6 +188,12 @@ class TieredStore(Store):
             found[i] = keys[i] in self._moving
         return found
 
+    def count_read_in_place(self, key: str, nbytes: int) -> None:
+        for tier in self.tiers:  # the fastest tier holding it is the one the ranged read came from
+            if tier.exists_now(key):
+                tier.count_read_in_place(key, nbytes)
+                return
+
     def exists_now(self, key: str) -> bool | None:
         """Held by some tier (or between two, being demoted) as far as this process can tell;
         None where a tier that cannot answer here may hold it."""
