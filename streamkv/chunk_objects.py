@@ -247,7 +247,7 @@ class ChunkObjects:
         object of several MiB costs more than reading into it (page faults, unmapping), and
         mapped cold reads of small files were slower than whole reads. A store read into
         caller buffers would replace both."""
-        return self.layout.chunk_bytes >= _MAPPED_READ_BYTES and reads_in_place(self.store)
+        return self.layout.chunk_bytes >= _MAPPED_READ_BYTES and reads_in_place(self.store, every_tier=True)
 
     async def _fetch_object(self, key: str, mapped: bool) -> list[Any] | None:
         """``[the object's bytes]`` (from offset 0; maybe longer than the object), or None: a miss.

@@ -489,3 +489,41 @@ def test_exists_now_answers_from_the_tiers_own_state(tmp_path: Path) -> None:
 
     with_remote = TieredStore([memory, Remote(1 << 20)])
     assert with_remote.exists_now(key(1)) is True and with_remote.exists_now(key(3)) is None
+
+
+def test_which_stores_are_read_in_place(tmp_path: Path) -> None:
+    """Sections are sliced from a header read's memory only where that memory is the whole,
+    unchanging object (memory tier, disk through mmap) and no tier lends reusable memory."""
+    from types import SimpleNamespace
+
+    from streamkv.client.store import DaemonStore
+    from streamkv.store.in_place import reads_in_place, whole_object
+    from streamkv.store.s3 import S3Store
+
+    memory = MemoryStore(1 << 20)
+    mapped = DiskStore(tmp_path / "m", 1 << 20)
+    direct = DiskStore(tmp_path / "d", 1 << 20, direct_reads=True)
+    pread = DiskStore(tmp_path / "p", 1 << 20, mmap_reads=False)
+    assert (memory.range_views, mapped.range_views, direct.range_views, pread.range_views) == \
+        ("whole", "whole", "lent", "exact")
+    assert (S3Store.range_views, DaemonStore.range_views) == ("exact", "lent")
+
+    def store(*tiers):  # type: ignore[no-untyped-def]
+        return SimpleNamespace(tiers=list(tiers))
+
+    assert reads_in_place(store(memory, mapped))
+    assert reads_in_place(store(memory, mapped), every_tier=True)
+    assert not reads_in_place(store(memory, direct)) and not reads_in_place(store(pread))
+    s3_like = SimpleNamespace(range_views=S3Store.range_views)
+    assert reads_in_place(store(memory, mapped, s3_like)) and not reads_in_place(store(memory, s3_like), every_tier=True)
+    assert not reads_in_place(store(memory, SimpleNamespace(range_views=DaemonStore.range_views)))
+
+    data = os.urandom(10_000)
+    run(lambda: mapped.put(key(1), data))
+    run(lambda: pread.put(key(1), data))
+    [head] = run(lambda: mapped.get_ranges(key(1), [(0, 64)]))
+    whole = whole_object(head, len(data))
+    assert whole is not None and bytes(whole[:len(data)]) == data
+    assert whole_object(head, len(data) + 1) is None  # shorter than the header says: not whole
+    [exact] = run(lambda: pread.get_ranges(key(1), [(0, 64)]))
+    assert whole_object(exact, 64) is None

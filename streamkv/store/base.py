@@ -64,6 +64,11 @@ class Store(ABC):
     """An async key → bytes store; one tier, or a composition of tiers."""
 
     name: str = "store"
+    #: What a ranged read returns, for callers that slice the rest of an object from the first
+    #: read's memory (``store/in_place.py``): "whole" (views of memory holding the whole object,
+    #: never changed in place), "exact" (fresh buffers of just the ranges asked: never taken for
+    #: a whole object), or "lent" (memory that may be reused after the caller is done).
+    range_views: str = "lent"
 
     def __init__(self) -> None:
         self.counters = TierStats()

@@ -216,6 +216,14 @@ def _write_atomic(path: Path, data: memoryview, fsync: bool, direct: bool = True
 class DiskStore(Store):
     name = "disk"
 
+    @property
+    def range_views(self) -> str:  # type: ignore[override]
+        """mmap reads view a mapping of the whole file (files are replaced by rename, never
+        changed in place); O_DIRECT reads fill pooled buffers that later reads reuse."""
+        if self.direct_reads:
+            return "lent"
+        return "whole" if self.mmap_reads else "exact"
+
     def __init__(self, root: str | os.PathLike, capacity_bytes: int, *, fsync: bool = False,
                  limits: Limits | None = None, on_evict: Callable[[str, memoryview], None] | None = None,
                  mmap_reads: bool = True, direct_writes: bool = True, direct_reads: bool = False) -> None:

@@ -13,17 +13,19 @@ from typing import Any
 
 import numpy as np
 
-from streamkv.store.disk import DiskStore
-from streamkv.store.memory import MemoryStore
 
-
-def reads_in_place(store: Any) -> bool:
-    """Every tier of ``store`` returns views of memory that holds whole objects: memory tiers,
-    and disk tiers reading through mmap (not ``direct_reads``, whose views are of pooled
-    buffers that later reads reuse). Remote tiers (S3, the daemon) return only what was asked."""
-    tiers = getattr(store, "tiers", None)
-    return bool(tiers) and all(isinstance(t, MemoryStore) or (isinstance(t, DiskStore) and _maps_files(t))
-                               for t in tiers)
+def reads_in_place(store: Any, every_tier: bool = False) -> bool:
+    """Some tier of ``store`` returns views of whole objects and none lends memory it may reuse
+    (``Store.range_views``): memory tiers and disk tiers reading through mmap, beside tiers whose
+    ranged reads return just the bytes asked (S3), which ``whole_object`` then never accepts.
+    The daemon's tier lends shared memory, so a store with it never reads in place.
+    ``every_tier``: all tiers return whole views (for callers that would otherwise read an
+    object whole in one request, where a failed in-place attempt costs a second one)."""
+    tiers = getattr(store, "tiers", None) or [store]
+    kinds = {getattr(t, "range_views", "lent") for t in tiers}
+    if every_tier:
+        return kinds == {"whole"}
+    return "whole" in kinds and kinds <= {"whole", "exact"}
 
 
 def whole_object(part: Any, nbytes: int) -> memoryview | None:
@@ -40,10 +42,6 @@ def whole_object(part: Any, nbytes: int) -> memoryview | None:
     except (TypeError, ValueError):
         pass
     return None
-
-
-def _maps_files(tier: DiskStore) -> bool:
-    return bool(getattr(tier, "mmap_reads", False)) and not getattr(tier, "direct_reads", True)
 
 
 def _address(buf: Any) -> int:

@@ -40,6 +40,7 @@ def host_buffer(nbytes: int, pinned: bool) -> np.ndarray:
 
 class MemoryStore(Store):
     name = "memory"
+    range_views = "whole"  # views of the object's own buffer; a new buffer per object
 
     def __init__(self, capacity_bytes: int, pinned: bool | None = None, on_evict: EvictHook | None = None) -> None:
         super().__init__()

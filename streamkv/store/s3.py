@@ -57,6 +57,7 @@ class S3Store(Store):
     """One bucket + prefix as a streamkv tier. See the module docstring for the failure policy."""
 
     name = "s3"
+    range_views = "exact"
 
     def __init__(
         self,
