@@ -390,15 +390,22 @@ class DiskStore(Store):
         (then indexed now): ranks and replicas on one host see each other's chunks."""
         if key in self._index:
             return True
-        if key in self._evicting:
-            return False
-        try:
-            size = os.stat(self._path(key)).st_size
-        except OSError:  # missing, or a failing disk: not here
+        size = self._unindexed_size(key)
+        if size is None:
             return False
         self._index[key] = size
         self.used_bytes += size
         return True
+
+    def _unindexed_size(self, key: str) -> int | None:
+        """Size of ``key``'s file where the index lacks it (another process wrote it), or None:
+        no such file, a failing disk, or a file this tier is evicting (never to be re-indexed)."""
+        if key in self._evicting:
+            return None
+        try:
+            return os.stat(self._path(key)).st_size
+        except OSError:  # missing, or a failing disk: not here
+            return None
 
     async def exists(self, key: str) -> bool:
         return self._known(key)
@@ -408,10 +415,8 @@ class DiskStore(Store):
         when the object is read): the index, else a ``stat`` of the file."""
         if key in self._index:
             return True
-        if key in self._evicting:
-            return False
         try:
-            return os.path.exists(self._path(key))
+            return self._unindexed_size(key) is not None
         except ValueError:  # not a key this store could hold
             return False
 
