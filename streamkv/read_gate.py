@@ -32,6 +32,7 @@ class ReadGate:
         self.front = 0  # objects [0, front) all verified
         self.broken = n  # prefix: the first object that missed
         self.parked: dict[int, tuple[Any, np.ndarray]] = {}  # verified, waiting for earlier ones
+        self.allowed: deque[tuple[int, Any, np.ndarray]] = deque()  # verified, free to be copied
         self.failures: list[tuple[int, Exception]] = []
 
     def hopeless(self, i: int) -> bool:
@@ -58,38 +59,72 @@ class ReadGate:
                     self.running -= 1
                     return
                 i, box, targets = self.waiting.popleft()
+            self._take(i, box, targets, verify, copy)
+
+    def read(self, jobs: list[tuple[int, Any, np.ndarray]], verify: Any, copy: Any) -> None:
+        """One lane (a worker thread) that reads its objects too: ``(i, reader, targets)`` in
+        order, each read, verified and copied here (objects after a miss are not read)."""
+        for i, reader, targets in jobs:
+            if self.hopeless(i):
+                continue
             try:
-                allowed = self._verified(i, verify(box.pop()), targets)
-            except Exception as exc:  # FormatError: corrupt or foreign; anything else: a bug, still a miss
+                data = reader()
+            except Exception as exc:  # a bug in a tier: still only a miss
                 self._failed(i, exc)
                 continue
-            while allowed:
-                j, sections, dest = allowed.pop(0)
-                try:
-                    copy(sections, dest)
-                    self.copied[j] = True
-                except Exception as exc:
-                    self._failed(j, exc)
-                del sections
+            if data is None:
+                with self.lock:
+                    self._miss(i)
+                continue
+            self._take(i, [data], targets, verify, copy)
+            del data
+
+    def _take(self, i: int, box: list[Any], targets: np.ndarray, verify: Any, copy: Any) -> None:
+        try:
+            sections = verify(box.pop())
+        except Exception as exc:  # FormatError: corrupt or foreign; anything else: a bug, still a miss
+            self._failed(i, exc)
+            return
+        self._verified(i, sections, targets)
+        del sections
+        self._copy_allowed(copy)
 
     def _failed(self, i: int, exc: Exception) -> None:
         with self.lock:
             self.failures.append((i, exc))
             self._miss(i)
 
-    def _verified(self, i: int, sections: Any, targets: np.ndarray) -> list[tuple[int, Any, np.ndarray]]:
-        """Object ``i`` verified: the objects that may be copied now (``i`` and any it unblocked)."""
-        if not self.prefix:
-            return [(i, sections, targets)]
+    def _verified(self, i: int, sections: Any, targets: np.ndarray) -> None:
+        """Object ``i`` verified: queue it, and any it unblocked, for copying."""
         with self.lock:
+            if not self.prefix:
+                self.allowed.append((i, sections, targets))
+                return
             if i > self.broken:
-                return []
+                return
             self.verified[i] = True
             self.parked[i] = (sections, targets)
             while self.front < self.n and self.verified[self.front]:
                 self.front += 1
-            ready = [j for j in self.parked if j < self.front]
-            return [(j, *self.parked.pop(j)) for j in sorted(ready)]
+            for j in sorted(j for j in self.parked if j < self.front):
+                self.allowed.append((j, *self.parked.pop(j)))
+
+    def _copy_allowed(self, copy: Any) -> None:
+        """Copy queued objects, whichever lane verified them: a lane that unblocks many objects
+        shares their copies with the others instead of making them all itself."""
+        while True:
+            with self.lock:
+                if not self.allowed:
+                    return
+                j, sections, dest = self.allowed.popleft()
+                if self.prefix and j > self.broken:  # an earlier copy failed meanwhile
+                    continue
+            try:
+                copy(sections, dest)
+                self.copied[j] = True
+            except Exception as exc:
+                self._failed(j, exc)
+            del sections
 
     def _miss(self, i: int) -> None:  # under the lock
         if self.prefix and i < self.broken:

@@ -52,6 +52,25 @@ class StoreConformance:
             assert store.exists_now(key(98)) in (False, None)
         run(go)
 
+    def test_reader_now_reads_what_get_reads(self, store: Store) -> None:
+        """A local tier's reader (run on a worker thread, as read_chunks_into runs it) gives the
+        object's bytes; a tier without one says None and callers use ``get``."""
+        async def go() -> None:
+            assert store.reader_now(key(97)) is None
+            for size in (1, 4096 * 3 + 5, 300_000):
+                data = os.urandom(size)
+                await store.put(key(97), data)
+                reader = store.reader_now(key(97))
+                if reader is None:
+                    assert bytes(await store.get(key(97))) == data  # not a local tier: get
+                    continue
+                got = await anyio.to_thread.run_sync(reader)
+                assert got is not None and bytes(memoryview(got).cast("B")[:size]) == data
+                assert memoryview(got).nbytes == size
+            await store.delete(key(97))
+            assert store.reader_now(key(97)) is None
+        run(go)
+
     def test_ranges(self, store: Store) -> None:
         async def go() -> None:
             data = os.urandom(4096)

@@ -255,9 +255,9 @@ def test_write_from_and_read_into_strided_views(tmp_path: Path, monkeypatch: pyt
                                                 tiers: tuple[str, ...], mapped: bool) -> None:
     """Sources and destinations in another memory layout: the one copy each way re-orders them.
     Large objects are read in place from the local tiers (``mapped``), small ones whole."""
-    import streamkv.chunk_objects as chunk_objects
+    from streamkv.store import disk
 
-    monkeypatch.setattr(chunk_objects, "_MAPPED_READ_BYTES", 0 if mapped else 1 << 40)
+    monkeypatch.setattr(disk, "MAPPED_WHOLE_BYTES", 0 if mapped else 1 << 40)
     with make_engine(tmp_path, tiers=tiers) as engine:
         assert engine.objects._mapped_reads() is mapped
         if mapped:  # in place: the header's view leads to the whole object, never a whole get
@@ -316,9 +316,9 @@ def test_read_into_misses_leave_destinations_untouched(tmp_path: Path, monkeypat
                                                         mapped: bool, damage: str) -> None:
     """A corrupt, truncated or foreign object is a miss and is never copied; with ``prefix`` the
     objects after it are neither copied nor reported, without it they are."""
-    import streamkv.chunk_objects as chunk_objects
+    from streamkv.store import disk
 
-    monkeypatch.setattr(chunk_objects, "_MAPPED_READ_BYTES", 0 if mapped else 1 << 40)
+    monkeypatch.setattr(disk, "MAPPED_WHOLE_BYTES", 0 if mapped else 1 << 40)
     with make_engine(tmp_path, tiers=("disk",)) as engine:
         pages = [_page(10 + i) for i in range(4)]
         keys = [engine.object_key(f"d{i}") for i in range(4)]
@@ -409,3 +409,70 @@ def test_disk_sections_are_sliced_in_place_from_the_header_read(tmp_path: Path, 
         assert len(calls) == (chunks * (1 + LAYOUT.num_layers) if direct_reads else chunks)
         from streamkv.format import header_size
         assert disk.counters.bytes_read - before == chunks * (header_size(LAYOUT.num_layers) + LAYOUT.chunk_bytes)
+
+
+@pytest.mark.parametrize("tiers", [("disk",), ("memory",), ("memory", "disk")])
+def test_local_objects_are_read_on_the_lanes_without_a_get(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           tiers: tuple[str, ...]) -> None:
+    """Objects in this host's tiers are read by the worker lanes that verify them (Store.reader_now),
+    not by a get per object through the loop; a disk hit under a memory tier is still promoted."""
+    with make_engine(tmp_path, tiers=tiers) as engine:
+        pages = [_page(200 + i) for i in range(6)]
+        keys = [engine.object_key(f"l{i}") for i in range(6)]
+        assert engine.write_chunks_from(keys, [_token_major(p) for p in pages]) == [True] * 6
+        engine.flush()
+        if tiers == ("memory", "disk"):  # half of them on disk only
+            memory = engine.store.tiers[0]
+            for k in keys[::2]:
+                assert engine.runtime.call(memory.delete, k)
+
+        async def no_gets(key: str) -> None:
+            raise AssertionError(f"a get of {key}")
+
+        monkeypatch.setattr(engine.store, "get", no_gets)
+        out = [np.zeros_like(p) for p in pages]
+        assert engine.read_chunks_into(keys, [_token_major(o) for o in out], prefix=True) == [True] * 6
+        assert all(np.array_equal(o, p) for o, p in zip(out, pages))
+        engine.flush()
+        assert all(engine.store.tiers[0].exists_now(k) for k in keys)  # promoted back into memory
+
+
+def test_disk_reader_buffers_are_reused_and_a_vanished_file_is_a_miss(tmp_path: Path) -> None:
+    """Small objects are read into pooled buffers that come back once the caller drops them."""
+    import gc
+
+    from streamkv.store import DiskStore
+
+    async def go() -> None:
+        disk = DiskStore(tmp_path, 1 << 24)
+        blobs = {f"{'a' * 32}/{i:032x}": np.random.default_rng(i).bytes(100_000 + i) for i in range(20)}
+        for k, v in blobs.items():
+            await disk.put(k, v)
+        for _ in range(3):
+            for k, v in blobs.items():
+                got = await anyio.to_thread.run_sync(disk.reader_now(k))
+                assert bytes(memoryview(got)) == v
+                del got
+                gc.collect()
+        assert disk._read_buffers.created <= 2  # one buffer size (rounded), reused
+        k = next(iter(blobs))
+        reader = disk.reader_now(k)
+        (tmp_path / k).unlink()
+        assert await anyio.to_thread.run_sync(reader) is None
+
+    anyio.run(go)
+
+
+def test_coalesced_views_share_memory_and_copy_alike() -> None:
+    from streamkv.chunk_objects import _coalesced
+
+    pool = np.zeros((2, 4 * C, LAYOUT.num_layers, LAYOUT.num_kv_heads, LAYOUT.head_size), dtype=np.uint16)
+    page = pool[:, C : 2 * C].transpose(2, 0, 1, 3, 4)  # a host-pool page, layer-first
+    merged = _coalesced(page)
+    assert merged.shape == (LAYOUT.num_layers, 2, C, LAYOUT.num_kv_heads * LAYOUT.head_size)
+    assert np.shares_memory(merged, pool)
+    src = np.random.default_rng(0).integers(0, 2**16, page.shape, dtype=np.uint16)
+    np.copyto(merged, src.reshape(merged.shape))
+    assert np.array_equal(page, src) and not pool[:, :C].any() and not pool[:, 2 * C :].any()
+    flat = np.zeros((LAYOUT.num_layers, 64), dtype=np.uint8)
+    assert _coalesced(flat) is flat  # nothing to merge: the array itself

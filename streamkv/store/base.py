@@ -108,6 +108,14 @@ class Store(ABC):
     async def list_keys(self, namespace: str | None = None) -> list[str]:
         """Keys held, optionally only one namespace's."""
 
+    def reader_now(self, key: str) -> Callable[[], Buffer | None] | None:
+        """Where this tier keeps ``key`` on this host: a function that reads the whole object
+        on any thread (None from it: the object went away meanwhile), so that a caller which
+        verifies objects on worker threads reads them there too, instead of a hop through the
+        loop per object. None: not here, or not a local tier (S3, the daemon): use ``get``.
+        Loop thread only: the tier's own bookkeeping (LRU order, counters) happens here."""
+        return None
+
     async def prefetch(self, requests: Sequence[tuple[str, ByteRange]]) -> None:
         """A hint: these ranges will be read soon, in this order. A tier that can start the
         I/O early (the disk tier asks the kernel to read ahead) does; the default does nothing."""

@@ -21,6 +21,7 @@ import mmap
 import os
 import uuid
 from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -37,11 +38,15 @@ log = structlog.get_logger(__name__)
 TMP_PREFIX = ".tmp."
 
 
-def _read_file(path: Path) -> np.ndarray | None:
+def _new_buffer(size: int) -> np.ndarray:
+    return np.empty(size, dtype=np.uint8)
+
+
+def _read_file(path: Path, alloc: Callable[[int], np.ndarray] = _new_buffer) -> np.ndarray | None:
     try:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
-            buf = np.empty(size, dtype=np.uint8)
+            buf = alloc(size)
             view = memoryview(buf)
             got = 0
             while got < size:
@@ -93,6 +98,11 @@ def _map_ranges(path: Path, ranges: Sequence[ByteRange]) -> list[memoryview] | N
     return [view[off : off + n] for off, n in ranges]
 
 
+def _map_whole(path: Path, size: int) -> memoryview | None:
+    parts = _map_ranges(path, [(0, size)])
+    return None if parts is None else parts[0]
+
+
 def _advise(requests: Sequence[tuple[Path, int, int]]) -> None:
     """Queue kernel read-ahead for (file, offset, length) in the given order; errors ignored."""
     fds: dict[Path, int] = {}
@@ -125,6 +135,7 @@ ALIGN = 4096  # O_DIRECT offset/length/buffer alignment: covers 512- and 4096-by
 DIRECT_PIECE = 8 << 20  # bytes per O_DIRECT write; also the size of one aligned buffer
 DIRECT_MIN_BYTES = 128 << 10  # smaller objects are written buffered (see benchmarks/README.md)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none: always buffered
+MAPPED_WHOLE_BYTES = 4 << 20  # whole-object reads (reader_now) of this size and more map the file
 
 
 def _round_up(n: int) -> int:
@@ -301,6 +312,32 @@ class DiskStore(Store):
         if not self.direct_reads:
             parts = await self._run(_map_ranges if self.mmap_reads else _read_ranges, self._path(key), list(ranges))
         return self._account(key, parts, None if parts is None else sum(len(p) for p in parts))
+
+    def reader_now(self, key: str) -> Callable[[], Buffer | None] | None:
+        """Objects of ``MAPPED_WHOLE_BYTES`` and more are read as a view of a mapping of the
+        file (in place, no copy); smaller ones into a pooled buffer, back in the pool once the
+        caller drops every view of it: on the development VM a fresh buffer per small object
+        cost more than reading into it (page faults), and mapping small files cost more than a
+        read."""
+        if not self._known(key):
+            return None
+        size = self._index[key]
+        self._index.move_to_end(key)
+        self.counters.hits += 1
+        self.counters.bytes_read += size
+        path = self._path(key)
+        if self.direct_reads:
+            return partial(self._read_direct, path, size)
+        if self.mmap_reads and size >= MAPPED_WHOLE_BYTES:
+            return partial(_map_whole, path, size)
+        return partial(_read_file, path, self._read_buffers.take)
+
+    def _read_direct(self, path: Path, size: int) -> Buffer | None:
+        try:
+            parts = read_ranges_direct(path, [(0, size)], self._read_buffers)
+        except DirectIOUnsupported:  # this filesystem: the page cache (get_ranges says so once)
+            return _read_file(path, self._read_buffers.take)
+        return None if parts is None else parts[0]
 
     async def prefetch(self, requests: Sequence[tuple[str, ByteRange]]) -> None:
         """Ask the kernel to read the ranges ahead, in order: its I/O, not our CPU. A layer-wise

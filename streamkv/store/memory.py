@@ -68,6 +68,10 @@ class MemoryStore(Store):
         self.counters.bytes_read += buf.nbytes
         return memoryview(buf)
 
+    def reader_now(self, key: str) -> Callable[[], Buffer | None] | None:
+        view = self.get_now(key) if key in self._objects else None
+        return None if view is None else (lambda: view)
+
     async def get_ranges(self, key: str, ranges: Sequence[ByteRange]) -> list[Buffer] | None:
         buf = self._objects.get(key)
         if buf is None or any(off < 0 or off + n > buf.nbytes for off, n in ranges):

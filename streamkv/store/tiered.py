@@ -11,6 +11,7 @@ counted, never raised."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Awaitable, Callable, Sequence
 
 import anyio
@@ -122,6 +123,30 @@ class TieredStore(Store):
         self.counters.misses += 1
         self.telemetry.end_tier_span(span, None, 0, "miss")
         return None
+
+    def reader_now(self, key: str) -> Callable[[], Buffer | None] | None:
+        """The fastest tier's reader. A hit below the first tier is promoted as ``get`` does:
+        the reading thread copies the bytes and has the loop start the background put (one
+        short blocking call into the loop, for that object's first read only)."""
+        for i, tier in enumerate(self.tiers):
+            if i > 0 and tier.exists_now(key) is None:
+                return None  # a tier this process cannot answer for (S3, the daemon) comes first
+            read = tier.reader_now(key)
+            if read is None:
+                continue
+            self.counters.hits += 1
+            if i == 0 or not self.promote:
+                return read
+            if self.background is None:
+                return None  # nowhere to promote in the background: get promotes inline
+            return partial(self._read_and_promote, read, key, i)
+        return None
+
+    def _read_and_promote(self, read: Callable[[], Buffer | None], key: str, source: int) -> Buffer | None:
+        data = read()
+        if data is not None:
+            anyio.from_thread.run_sync(self._spawn, "promote", self._promote_bytes, key, bytes(data), source)
+        return data
 
     async def get_ranges(self, key: str, ranges: Sequence[ByteRange]) -> list[Buffer] | None:
         span = self.telemetry.tier_span("get", key)
