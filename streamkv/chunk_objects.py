@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import lz4.block
 import numpy as np
+import xxhash
 import structlog
 
 from streamkv.format import (
@@ -296,12 +297,16 @@ class ChunkObjects:
         raws = []
         in_order = True
         expect = header.size
-        for layer, sec in enumerate(header.sections):
-            if sec.raw_len != n:
-                raise LayoutMismatch(f"layer {layer}: {sec.raw_len} bytes, layout says {n}")
-            raws.append(decode_section(header, layer, view[sec.offset : sec.offset + sec.stored_len]))
-            in_order = in_order and sec.codec == CODEC_RAW and sec.offset == expect
-            expect = sec.offset + sec.stored_len
+        for layer, (offset, stored_len, raw_len, checksum, codec) in enumerate(header.sections):
+            if raw_len != n:
+                raise LayoutMismatch(f"layer {layer}: {raw_len} bytes, layout says {n}")
+            stored = view[offset : offset + stored_len]
+            if codec == CODEC_RAW and len(stored) == n and xxhash.xxh3_64_intdigest(stored) == checksum:
+                raws.append(stored)  # decode_section's checks, inline for the common case
+            else:  # compressed, or not what the header says: decode_section decides (or raises why)
+                raws.append(decode_section(header, layer, stored))
+            in_order = in_order and codec == CODEC_RAW and offset == expect
+            expect = offset + stored_len
         if in_order:
             return np.frombuffer(view[header.size : header.size + len(raws) * n], dtype=np.uint8).reshape(len(raws), n)
         return raws
