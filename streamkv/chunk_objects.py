@@ -261,8 +261,9 @@ class ChunkObjects:
         """Read objects in place (``store/in_place.py``) rather than whole: where every tier
         allows it and objects are large. Measured on the development VM: a fresh buffer per
         object of several MiB costs more than reading into it (page faults, unmapping), and
-        mapped cold reads of small files were slower than whole reads. A store read into
-        caller buffers would replace both."""
+        mapped cold reads of small files were slower than whole reads. Only objects without a
+        local reader come this way (``Store.reader_now``): in an all-local store, one between
+        two tiers, or a lower-tier hit to promote where there is no background group."""
         return self.layout.chunk_bytes >= disk.MAPPED_WHOLE_BYTES and reads_in_place(self.store, every_tier=True)
 
     async def _fetch_object(self, key: str, mapped: bool) -> list[Any] | None:

@@ -305,10 +305,8 @@ class DiskStore(Store):
         if self.direct_reads:
             try:
                 parts = await self._run(read_ranges_direct, self._path(key), list(ranges), self._read_buffers)
-            except DirectIOUnsupported as exc:  # this filesystem: page-cache reads from now on
-                log.info("O_DIRECT reads refused; reading through the page cache", root=str(self.root),
-                         error=str(exc))
-                self.direct_reads = False
+            except DirectIOUnsupported as exc:
+                self._direct_reads_refused(exc)
         if not self.direct_reads:
             parts = await self._run(_map_ranges if self.mmap_reads else _read_ranges, self._path(key), list(ranges))
         return self._account(key, parts, None if parts is None else sum(len(p) for p in parts))
@@ -322,9 +320,7 @@ class DiskStore(Store):
         if not self._known(key):
             return None
         size = self._index[key]
-        self._index.move_to_end(key)
-        self.counters.hits += 1
-        self.counters.bytes_read += size
+        self._account(key, True, size)
         path = self._path(key)
         if self.direct_reads:
             return partial(self._read_direct, path, size)
@@ -335,9 +331,17 @@ class DiskStore(Store):
     def _read_direct(self, path: Path, size: int) -> Buffer | None:
         try:
             parts = read_ranges_direct(path, [(0, size)], self._read_buffers)
-        except DirectIOUnsupported:  # this filesystem: the page cache (get_ranges says so once)
+        except DirectIOUnsupported as exc:
+            self._direct_reads_refused(exc)
             return _read_file(path, self._read_buffers.take)
         return None if parts is None else parts[0]
+
+    def _direct_reads_refused(self, exc: DirectIOUnsupported) -> None:
+        """This filesystem refuses O_DIRECT: page-cache reads from now on."""
+        if self.direct_reads:
+            log.info("O_DIRECT reads refused; reading through the page cache", root=str(self.root),
+                     error=str(exc))
+        self.direct_reads = False
 
     async def prefetch(self, requests: Sequence[tuple[str, ByteRange]]) -> None:
         """Ask the kernel to read the ranges ahead, in order: its I/O, not our CPU. A layer-wise
