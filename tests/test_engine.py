@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -310,15 +311,23 @@ def test_compressible_pages_are_compressed_and_read_back(tmp_path: Path, compres
         assert np.array_equal(out, page)
 
 
-@pytest.mark.parametrize("mapped", [False, True], ids=["whole-reads", "mapped-reads"])
+@pytest.mark.parametrize("reads", ["whole", "mapped", "cold-direct"])
 @pytest.mark.parametrize("damage", ["flip", "truncate", "foreign"])
 def test_read_into_misses_leave_destinations_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        mapped: bool, damage: str) -> None:
+                                                        reads: str, damage: str) -> None:
     """A corrupt, truncated or foreign object is a miss and is never copied; with ``prefix`` the
-    objects after it are neither copied nor reported, without it they are."""
-    from streamkv.store import disk
+    objects after it are neither copied nor reported, without it they are. ``cold-direct``: the
+    objects are out of the page cache and read around it with O_DIRECT (disk_read.read_whole)."""
+    from streamkv.store import disk, disk_read
 
+    mapped = reads != "whole"
     monkeypatch.setattr(disk, "MAPPED_WHOLE_BYTES", 0 if mapped else 1 << 40)
+    direct_reads = []
+    if reads == "cold-direct":
+        monkeypatch.setattr(disk_read, "DIRECT_WHOLE_BYTES", 0)
+        real = disk_read.read_whole_direct
+        monkeypatch.setattr(disk_read, "read_whole_direct",
+                            lambda *a: direct_reads.append(a[1]) or real(*a))  # type: ignore[func-returns-value]
     with make_engine(tmp_path, tiers=("disk",)) as engine:
         pages = [_page(10 + i) for i in range(4)]
         keys = [engine.object_key(f"d{i}") for i in range(4)]
@@ -335,6 +344,10 @@ def test_read_into_misses_leave_destinations_untouched(tmp_path: Path, monkeypat
                 data = bytearray((tmp_path / "other" / "disk" / other.object_key("d1")).read_bytes())
         path.write_bytes(bytes(data))
         assert engine.objects._mapped_reads() is mapped
+        if reads == "cold-direct":
+            for f in (tmp_path / "disk").rglob("*"):
+                if f.is_file():
+                    _drop_from_page_cache(f)
 
         out = [np.zeros_like(p) for p in pages]
         assert engine.read_chunks_into(keys, [_token_major(o) for o in out], prefix=True) == [True, False, False, False]
@@ -345,6 +358,27 @@ def test_read_into_misses_leave_destinations_untouched(tmp_path: Path, monkeypat
         out = [np.zeros_like(p) for p in pages]
         assert engine.read_chunks_into(keys, [_token_major(o) for o in out]) == [True, False, True, True]
         assert not out[1].any() and all(np.array_equal(o, p) for o, p in zip(out[2:], pages[2:]))
+        if reads == "cold-direct" and _kernel_tells_what_is_cached(path) and engine.store.tiers[0].cold_direct_reads:
+            assert direct_reads, "no object was read with O_DIRECT"
+
+
+def _kernel_tells_what_is_cached(path: Path) -> bool:
+    from streamkv.store.direct_io import cached_pages
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return cached_pages(fd) is not None
+    finally:
+        os.close(fd)
+
+
+def _drop_from_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def test_read_into_rejects_bad_destinations(tmp_path: Path) -> None:

@@ -188,7 +188,51 @@ def test_write_back_demotes_down_every_tier(tmp_path: Path) -> None:
             for i in range(6):
                 assert bytes(await tiered.get(key(i))) == bytes([i]) * 1000
             assert await bottom.exists(key(0)) and await bottom.exists(key(1))
-            assert mem.used_bytes <= 2000 and disk.used_bytes <= 2000
+            # victims still being handed down are on disk (and counted) until then
+            assert mem.used_bytes <= 2000 and disk.used_bytes - disk.leaving_bytes <= 2000
+            await tiered.flush()
+            assert disk.used_bytes <= 2000 and disk.leaving_bytes == 0
+    run(go)
+
+
+def test_an_object_being_handed_down_stays_readable(tmp_path: Path) -> None:
+    """write_back: while the disk tier reads a victim to hand it to the tier below (on a worker
+    thread), a read of that object must still find it: in the disk tier until the tiered store
+    holds its copy in flight, then there, then below. (It used to leave the index first: a get
+    in between found it in no tier.)"""
+    import threading
+
+    gate = threading.Event()
+    reads: list[Path] = []
+
+    class SlowHandDown(DiskStore):
+        def _read_whole(self, path, *args):  # type: ignore[no-untyped-def]
+            reads.append(path)
+            if len(reads) == 1:  # the eviction's read: held until the test has read the object
+                gate.wait(10)
+            return super()._read_whole(path, *args)
+
+    async def go() -> None:
+        disk, bottom = SlowHandDown(tmp_path, 2000), MemoryStore(1 << 20)
+        async with anyio.create_task_group() as tg:
+            tiered = TieredStore([disk, bottom], write_policy="write_back", background=tg)
+            await tiered.put(key(0), b"a" * 1000)
+            await tiered.put(key(1), b"b" * 1000)
+            async with anyio.create_task_group() as puts:
+                puts.start_soon(tiered.put, key(2), b"c" * 1000)  # evicts key(0)
+                with anyio.fail_after(10):
+                    while not reads:
+                        await anyio.sleep(0.001)
+                try:
+                    got = await tiered.get(key(0))
+                    assert got is not None and bytes(got) == b"a" * 1000
+                    assert await tiered.exists(key(0))
+                finally:
+                    gate.set()
+            await tiered.flush()
+            assert bytes(await bottom.get(key(0))) == b"a" * 1000
+            assert not await disk.exists(key(0)) and disk.used_bytes == 2000
+            assert sorted(os.listdir(tmp_path / key(0).split("/")[0])) == sorted(k.split("/")[1] for k in (key(1), key(2)))
     run(go)
 
 
@@ -244,12 +288,13 @@ def test_disk_prefetch_of_a_vanished_file_is_harmless(tmp_path: Path) -> None:
 # -- the disk tier's write path: O_DIRECT from an aligned buffer, buffered where refused --------
 
 from streamkv.store import disk as disk_mod  # noqa: E402
+from streamkv.store import disk_write  # noqa: E402
 
-ALIGN_SIZES = [1, 4095, 4096, 4097, (1 << 20) + 3, disk_mod.DIRECT_PIECE + 4097]
+ALIGN_SIZES = [1, 4095, 4096, 4097, (1 << 20) + 3, disk_write.DIRECT_PIECE + 4097]
 
 
 def _no_temps(root: Path) -> list[str]:
-    return [p.name for p in root.rglob(f"{disk_mod.TMP_PREFIX}*")]
+    return [p.name for p in root.rglob(f"{disk_write.TMP_PREFIX}*")]
 
 
 def _spy_open(monkeypatch: pytest.MonkeyPatch, refuse_direct: bool = False) -> list[int]:
@@ -259,25 +304,25 @@ def _spy_open(monkeypatch: pytest.MonkeyPatch, refuse_direct: bool = False) -> l
 
     def fake(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
         flags_seen.append(flags)
-        if refuse_direct and flags & disk_mod._O_DIRECT:
-            os.close(real(path, flags & ~disk_mod._O_DIRECT, *args, **kwargs))
+        if refuse_direct and flags & disk_write.O_DIRECT:
+            os.close(real(path, flags & ~disk_write.O_DIRECT, *args, **kwargs))
             raise OSError(22, "Invalid argument")
         return real(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(disk_mod.os, "open", fake)
+    monkeypatch.setattr(disk_write.os, "open", fake)
     return flags_seen
 
 
-@pytest.mark.skipif(not disk_mod._O_DIRECT, reason="no O_DIRECT on this platform")
+@pytest.mark.skipif(not disk_write.O_DIRECT, reason="no O_DIRECT on this platform")
 @pytest.mark.parametrize("size", [0] + ALIGN_SIZES)
 def test_disk_direct_write_round_trips_around_the_alignment(size: int, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     data = os.urandom(size)
     path = tmp_path / "ns" / "obj"
     seen = _spy_open(monkeypatch)
-    if not disk_mod._write_atomic(path, memoryview(data), False, direct=True):
+    if not disk_write.write_atomic(path, memoryview(data), False, direct=True):
         pytest.skip("this filesystem refuses O_DIRECT")
-    assert any(f & disk_mod._O_DIRECT for f in seen)  # it really took the direct path
+    assert any(f & disk_write.O_DIRECT for f in seen)  # it really took the direct path
     assert os.stat(path).st_size == size  # the padding to 4096 was cut off
     assert path.read_bytes() == data
     assert _no_temps(tmp_path) == []
@@ -306,10 +351,10 @@ def test_disk_buffered_write_round_trips(size: int, tmp_path: Path) -> None:
         d = Path(root) / f"streamkv-test-{os.getpid()}-{size}"
         try:
             data = os.urandom(size)
-            assert disk_mod._write_atomic(d / "obj", memoryview(data), True, direct=False) is False
+            assert disk_write.write_atomic(d / "obj", memoryview(data), True, direct=False) is False
             assert (d / "obj").read_bytes() == data
             # and direct on tmpfs: written either way (O_DIRECT where the kernel takes it, else buffered)
-            disk_mod._write_atomic(d / "obj2", memoryview(data), False, direct=True)
+            disk_write.write_atomic(d / "obj2", memoryview(data), False, direct=True)
             assert (d / "obj2").read_bytes() == data
             assert _no_temps(d) == []
         finally:
@@ -324,14 +369,14 @@ def test_disk_falls_back_to_buffered_when_open_refuses_direct(tmp_path: Path,
     async def go() -> None:
         seen = _spy_open(monkeypatch, refuse_direct=True)
         store = DiskStore(tmp_path, 1 << 20)
-        data = [os.urandom(disk_mod.DIRECT_MIN_BYTES + i) for i in range(3)]
+        data = [os.urandom(disk_write.DIRECT_MIN_BYTES + i) for i in range(3)]
         assert await store.put(key(0), data[0])
         assert store.direct_writes is False
-        tried = sum(1 for f in seen if f & disk_mod._O_DIRECT)
-        assert tried >= (1 if disk_mod._O_DIRECT else 0)
+        tried = sum(1 for f in seen if f & disk_write.O_DIRECT)
+        assert tried >= (1 if disk_write.O_DIRECT else 0)
         for i, d in enumerate(data[1:], 1):
             assert await store.put(key(i), d)
-        assert sum(1 for f in seen if f & disk_mod._O_DIRECT) == tried  # refused once, not tried again
+        assert sum(1 for f in seen if f & disk_write.O_DIRECT) == tried  # refused once, not tried again
         for i, d in enumerate(data):
             assert bytes(await store.get(key(i))) == d
         assert store.counters.errors == 0
@@ -339,14 +384,14 @@ def test_disk_falls_back_to_buffered_when_open_refuses_direct(tmp_path: Path,
     run(go)
 
 
-@pytest.mark.skipif(not disk_mod._O_DIRECT, reason="no O_DIRECT on this platform")
+@pytest.mark.skipif(not disk_write.O_DIRECT, reason="no O_DIRECT on this platform")
 def test_disk_falls_back_when_a_direct_write_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args):  # type: ignore[no-untyped-def]
         raise OSError(22, "Invalid argument")
 
-    monkeypatch.setattr(disk_mod.os, "pwrite", refuse)
+    monkeypatch.setattr(disk_write.os, "pwrite", refuse)
     data = os.urandom(70_000)
-    assert disk_mod._write_atomic(tmp_path / "ns" / "obj", memoryview(data), False) is False
+    assert disk_write.write_atomic(tmp_path / "ns" / "obj", memoryview(data), False) is False
     assert (tmp_path / "ns" / "obj").read_bytes() == data
     assert _no_temps(tmp_path) == []
 
@@ -357,16 +402,16 @@ def test_disk_failed_write_leaves_no_temp_file_and_the_old_object(direct: bool, 
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     async def go() -> None:
         store = DiskStore(tmp_path, 1 << 20, direct_writes=direct)
-        old = os.urandom(disk_mod.DIRECT_MIN_BYTES + 5000)
+        old = os.urandom(disk_write.DIRECT_MIN_BYTES + 5000)
         assert await store.put(key(1), old)
         real = getattr(os, failing)
 
         def full(*args):  # type: ignore[no-untyped-def]
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(disk_mod.os, failing, full)
-        stored = await store.put(key(1), os.urandom(disk_mod.DIRECT_MIN_BYTES + 9001))  # unaligned
-        monkeypatch.setattr(disk_mod.os, failing, real)
+        monkeypatch.setattr(disk_write.os, failing, full)
+        stored = await store.put(key(1), os.urandom(disk_write.DIRECT_MIN_BYTES + 9001))  # unaligned
+        monkeypatch.setattr(disk_write.os, failing, real)
         used = {"pwrite": direct, "write": not direct, "ftruncate": direct, "replace": True}[failing]
         if used:
             assert not stored and store.counters.errors == 1
@@ -383,7 +428,7 @@ def test_disk_concurrent_puts_of_mixed_sizes_do_not_share_buffers(tmp_path: Path
 
         store = DiskStore(tmp_path, 256 << 20, limits=Limits(disk_io=8))
         rng = random.Random(3)
-        data = {key(i): os.urandom(rng.choice([1, 4096, 70_001, 1 << 20, disk_mod.DIRECT_PIECE + 1]))
+        data = {key(i): os.urandom(rng.choice([1, 4096, 70_001, 1 << 20, disk_write.DIRECT_PIECE + 1]))
                 for i in range(24)}
         async with anyio.create_task_group() as tg:
             for k, v in data.items():
@@ -435,34 +480,42 @@ def test_direct_reads_fall_back_to_the_page_cache_when_the_kernel_refuses_them(t
     run(go)
 
 
-@pytest.mark.skipif(not disk_mod._O_DIRECT, reason="no O_DIRECT on this platform")
+@pytest.mark.skipif(not disk_write.O_DIRECT, reason="no O_DIRECT on this platform")
 def test_disk_store_writes_small_objects_buffered_and_large_ones_direct(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     async def go() -> None:
         store = DiskStore(tmp_path, 8 << 20)
         assert await store.put(key(0), b"warm")  # makes the namespace directory
         seen = _spy_open(monkeypatch)
-        small, large = os.urandom(disk_mod.DIRECT_MIN_BYTES - 1), os.urandom(disk_mod.DIRECT_MIN_BYTES)
+        small, large = os.urandom(disk_write.DIRECT_MIN_BYTES - 1), os.urandom(disk_write.DIRECT_MIN_BYTES)
         assert await store.put(key(1), small)
-        assert [f & disk_mod._O_DIRECT for f in seen] == [0]
+        assert [f & disk_write.O_DIRECT for f in seen] == [0]
         assert await store.put(key(2), large)
         if not store.direct_writes:
             pytest.skip("this filesystem refuses O_DIRECT")
-        assert [bool(f & disk_mod._O_DIRECT) for f in seen] == [False, True]
+        assert [bool(f & disk_write.O_DIRECT) for f in seen] == [False, True]
         assert bytes(await store.get(key(1))) == small and bytes(await store.get(key(2))) == large
     run(go)
 
 
-def test_an_object_being_evicted_is_not_indexed_again(tmp_path: Path) -> None:
-    """Between leaving the index and its unlink, an evicted file still exists: a lookup in that
-    window (a concurrent get during a write-back demotion) must not index it again."""
+def test_an_object_being_evicted_is_not_indexed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write-back victim stays indexed (readable) while it is handed down; then it leaves the
+    index, and between that and its unlink its file still exists: a lookup in that window must
+    not index it again."""
     async def go() -> None:
         seen: list[tuple[str, bool]] = []
         disk = DiskStore(tmp_path, 2500)
         disk.on_evict = lambda k, data: seen.append((k, disk._known(k)))
+        real_unlink = disk_write.unlink_quietly
+
+        def look_then_unlink(path: Path) -> None:
+            seen.append((path.name, disk._unindexed_size(key(0)) is not None))
+            real_unlink(path)
+
+        monkeypatch.setattr(disk_mod, "unlink_quietly", look_then_unlink)
         for i in range(3):
             await disk.put(key(i), bytes([i]) * 1000)
-        assert seen == [(key(0), False)]
+        assert seen == [(key(0), True), (key(0).split("/")[1], False)]
         assert disk.used_bytes == sum(disk._index.values()) == 2000
         assert not await disk.exists(key(0))
     run(go)

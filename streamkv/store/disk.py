@@ -1,23 +1,14 @@
 """The disk tier: one file per object under a directory, on a local SSD.
 
-Writes go to a temporary file that is renamed into place, so a reader sees
-the old object or the new one, never half of one; a temporary file left by a
-crash is removed on start. Objects of ``DIRECT_MIN_BYTES`` and more are
-written with ``O_DIRECT`` from a reused page-aligned buffer (padded to 4096
-bytes, then truncated to the object's size): the bytes go to the device by
-DMA, with no copy into the page cache and no writeback of it later. Smaller
-objects are written buffered (measured faster there: one O_DIRECT write waits
-for the device, a buffered one does not). Where the filesystem refuses
-``O_DIRECT`` (``EINVAL``) the tier writes buffered from then on. The index
-(key → size, LRU order) lives in memory and is rebuilt from the directory on
-start, oldest file first. Reads run on worker threads under the shared
-``disk_io`` limiter; ranged reads use ``os.pread`` so one layer section costs
-one read."""
+Files are written atomically, large ones with O_DIRECT (``disk_write.py``), and read whole,
+by ranges or mapped (``disk_read.py``). The index (key → size, LRU order) lives in memory
+and is rebuilt from the directory on start, oldest file first; files another process wrote
+into the same directory are indexed when first asked for. Reads and writes run on worker
+threads under the shared ``disk_io`` limiter; a ranged read of one layer section costs one
+read, or none where the object's mapping is already in hand (``store/in_place.py``)."""
 
 from __future__ import annotations
 
-import errno
-import mmap
 import os
 import uuid
 from collections import OrderedDict
@@ -26,202 +17,17 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import anyio
-import numpy as np
 import structlog
 
 from streamkv.errors import ConfigError
 from streamkv.store.base import Buffer, ByteRange, Store, check_key
-from streamkv.store.direct_io import AlignedBuffers, DirectIOUnsupported, read_ranges_direct
+from streamkv.store.direct_io import O_DIRECT, AlignedBuffers, DirectIOUnsupported, read_ranges_direct
+from streamkv.store.disk_read import Take, advise, map_ranges, new_buffer, read_ranges, read_whole
+from streamkv.store.disk_write import DIRECT_MIN_BYTES, TMP_PREFIX, unlink_quietly, write_atomic
 from streamkv.store.limits import Limits
 
 log = structlog.get_logger(__name__)
-TMP_PREFIX = ".tmp."
-
-
-def _new_buffer(size: int) -> np.ndarray:
-    return np.empty(size, dtype=np.uint8)
-
-
-def _read_file(path: Path, alloc: Callable[[int], np.ndarray] = _new_buffer) -> np.ndarray | None:
-    try:
-        with open(path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            buf = alloc(size)
-            view = memoryview(buf)
-            got = 0
-            while got < size:
-                n = f.readinto(view[got:])
-                if not n:
-                    return None
-                got += n
-            return buf
-    except OSError:  # missing, or a failing disk: a miss
-        return None
-
-
-def _read_ranges(path: Path, ranges: Sequence[ByteRange]) -> list[bytes] | None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # missing, or a failing disk: a miss
-        return None
-    try:
-        out = []
-        for off, n in ranges:
-            data = os.pread(fd, n, off)
-            if len(data) != n:
-                return None
-            out.append(data)
-        return out
-    finally:
-        os.close(fd)
-
-
-def _map_ranges(path: Path, ranges: Sequence[ByteRange]) -> list[memoryview] | None:
-    """Ranges as views of a read-only mapping: the page cache is read in place, no copy.
-
-    Safe because objects are immutable: a writer replaces a file by rename (a new
-    inode) and eviction unlinks it, neither of which touches pages already mapped."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # missing, or a failing disk: a miss
-        return None
-    try:
-        size = os.fstat(fd).st_size
-        if size == 0 or any(off < 0 or off + n > size for off, n in ranges):
-            return None
-        mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
-    finally:
-        os.close(fd)
-    for off, n in ranges:
-        mapped.madvise(mmap.MADV_WILLNEED, off - off % mmap.PAGESIZE, n + off % mmap.PAGESIZE)
-    view = memoryview(mapped)
-    return [view[off : off + n] for off, n in ranges]
-
-
-def _map_whole(path: Path, size: int) -> memoryview | None:
-    parts = _map_ranges(path, [(0, size)])
-    return None if parts is None else parts[0]
-
-
-def _advise(requests: Sequence[tuple[Path, int, int]]) -> None:
-    """Queue kernel read-ahead for (file, offset, length) in the given order; errors ignored."""
-    fds: dict[Path, int] = {}
-    try:
-        for path, off, n in requests:
-            if path not in fds:
-                try:
-                    fds[path] = os.open(path, os.O_RDONLY)
-                except OSError:
-                    fds[path] = -1
-            if fds[path] >= 0:
-                try:
-                    os.posix_fadvise(fds[path], off, n, os.POSIX_FADV_WILLNEED)
-                except OSError:
-                    pass
-    finally:
-        for fd in fds.values():
-            if fd >= 0:
-                os.close(fd)
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-ALIGN = 4096  # O_DIRECT offset/length/buffer alignment: covers 512- and 4096-byte sectors
-DIRECT_PIECE = 8 << 20  # bytes per O_DIRECT write; also the size of one aligned buffer
-DIRECT_MIN_BYTES = 128 << 10  # smaller objects are written buffered (see benchmarks/README.md)
-_O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none: always buffered
 MAPPED_WHOLE_BYTES = 4 << 20  # whole-object reads (reader_now) of this size and more map the file
-
-
-def _round_up(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-_buffers = AlignedBuffers(max_idle_bytes=4 * DIRECT_PIECE)  # staging for O_DIRECT writes
-
-
-def _create(tmp: Path, flags: int) -> int:
-    """Create ``tmp`` for writing (never an existing file); makes its directory if missing."""
-    flags |= os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    try:
-        return os.open(tmp, flags, 0o644)
-    except FileNotFoundError:
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        return os.open(tmp, flags, 0o644)
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    done = 0
-    while done < len(data):
-        done += os.write(fd, data[done:])
-
-
-def _write_direct(fd: int, data: memoryview) -> None:
-    """Write ``data`` to an O_DIRECT ``fd`` in aligned pieces copied into an aligned buffer;
-    the last piece is zero-padded to ``ALIGN`` and the padding cut off with ``ftruncate``."""
-    size = len(data)
-    buf = _buffers.take(DIRECT_PIECE)  # back to the pool when this function drops it
-    with memoryview(buf) as view:
-        off = 0
-        while off < size:
-            n = min(len(view), size - off)
-            view[:n] = data[off : off + n]
-            end = _round_up(n)
-            if end > n:
-                view[n:end] = bytes(end - n)
-            done = 0
-            while done < end:
-                wrote = os.pwrite(fd, view[done:end], off + done)
-                if wrote <= 0 or wrote % ALIGN:  # a short O_DIRECT write: give up, not misalign
-                    raise OSError(errno.EIO, f"short direct write ({wrote} of {end - done} bytes)")
-                done += wrote
-            off += n
-    del buf
-    if _round_up(size) != size:
-        os.ftruncate(fd, size)
-
-
-def _write_file(path: Path, data: memoryview, fsync: bool, direct: bool) -> None:
-    """Write ``data`` to a new temporary file beside ``path`` and rename it into place; on any
-    failure the temporary file is removed and ``path`` keeps what it had."""
-    tmp = path.parent / f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}"
-    fd = -1
-    try:
-        fd = _create(tmp, _O_DIRECT if direct else 0)
-        if direct:
-            _write_direct(fd, data)
-        else:
-            _write_all(fd, data)
-        if fsync:
-            os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        _unlink_quietly(tmp)
-        raise
-
-
-def _write_atomic(path: Path, data: memoryview, fsync: bool, direct: bool = True) -> bool:
-    """Store ``data`` as ``path``, atomically. Returns whether it was written with O_DIRECT:
-    False when ``direct`` is off, or when the filesystem refused O_DIRECT (``EINVAL``, at open
-    or at write), in which case it was written buffered instead."""
-    if direct and _O_DIRECT:
-        try:
-            _write_file(path, data, fsync, direct=True)
-            return True
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-    _write_file(path, data, fsync, direct=False)
-    return False
 
 
 class DiskStore(Store):
@@ -243,6 +49,7 @@ class DiskStore(Store):
         self.direct_reads = direct_reads
         self._read_buffers = AlignedBuffers()
         self.direct_writes = direct_writes  # O_DIRECT puts; turned off if the filesystem refuses them
+        self.cold_direct_reads = bool(O_DIRECT)  # cold whole objects by O_DIRECT (disk_read.read_whole)
         self.on_evict = on_evict
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise ConfigError("disk capacity_bytes", capacity_bytes, "must be a positive number of bytes")
@@ -294,7 +101,7 @@ class DiskStore(Store):
         if not self._known(key):
             self.counters.misses += 1
             return None
-        buf = await self._run(_read_file, self._path(key))
+        buf = await self._run(self._read_whole, self._path(key), new_buffer, self._read_buffers.take)
         return self._account(key, buf, None if buf is None else buf.nbytes)
 
     async def get_ranges(self, key: str, ranges: Sequence[ByteRange]) -> list[Buffer] | None:
@@ -304,19 +111,19 @@ class DiskStore(Store):
         parts = None
         if self.direct_reads:
             try:
-                parts = await self._run(read_ranges_direct, self._path(key), list(ranges), self._read_buffers)
+                parts = await self._run(read_ranges_direct, self._path(key), list(ranges), self._read_buffers.take)
             except DirectIOUnsupported as exc:
                 self._direct_reads_refused(exc)
         if not self.direct_reads:
-            parts = await self._run(_map_ranges if self.mmap_reads else _read_ranges, self._path(key), list(ranges))
+            parts = await self._run(map_ranges if self.mmap_reads else read_ranges, self._path(key), list(ranges))
         return self._account(key, parts, None if parts is None else sum(len(p) for p in parts))
 
     def reader_now(self, key: str) -> Callable[[], Buffer | None] | None:
         """Objects of ``MAPPED_WHOLE_BYTES`` and more are read as a view of a mapping of the
-        file (in place, no copy); smaller ones into a pooled buffer, back in the pool once the
-        caller drops every view of it: on the development VM a fresh buffer per small object
-        cost more than reading into it (page faults), and mapping small files cost more than a
-        read."""
+        file (in place, no copy) where the page cache holds them, and with O_DIRECT where it
+        does not; smaller ones into a pooled buffer, back in the pool once the caller drops
+        every view of it: on the development VM a fresh buffer per small object cost more than
+        reading into it (page faults), and mapping small files cost more than a read."""
         if not self._known(key):
             return None
         size = self._index[key]
@@ -324,16 +131,27 @@ class DiskStore(Store):
         path = self._path(key)
         if self.direct_reads:
             return partial(self._read_direct, path, size)
-        if self.mmap_reads and size >= MAPPED_WHOLE_BYTES:
-            return partial(_map_whole, path, size)
-        return partial(_read_file, path, self._read_buffers.take)
+        pooled = self._read_buffers.take
+        return partial(self._read_whole, path, pooled, pooled, self.mmap_reads and size >= MAPPED_WHOLE_BYTES)
+
+    def _read_whole(self, path: Path, take: Take, direct: Take, map_warm: bool = False) -> Buffer | None:
+        """``disk_read.read_whole``, cold large objects with O_DIRECT into buffers from ``direct``
+        while the filesystem allows it."""
+        try:
+            return read_whole(path, take, direct if self.cold_direct_reads else None, map_warm)
+        except DirectIOUnsupported as exc:
+            if self.cold_direct_reads:
+                log.info("O_DIRECT refused; cold objects read through the page cache", root=str(self.root),
+                         error=str(exc))
+            self.cold_direct_reads = False
+            return read_whole(path, take, None, map_warm)
 
     def _read_direct(self, path: Path, size: int) -> Buffer | None:
         try:
-            parts = read_ranges_direct(path, [(0, size)], self._read_buffers)
+            parts = read_ranges_direct(path, [(0, size)], self._read_buffers.take)
         except DirectIOUnsupported as exc:
             self._direct_reads_refused(exc)
-            return _read_file(path, self._read_buffers.take)
+            return self._read_whole(path, self._read_buffers.take, self._read_buffers.take)
         return None if parts is None else parts[0]
 
     def _direct_reads_refused(self, exc: DirectIOUnsupported) -> None:
@@ -348,7 +166,7 @@ class DiskStore(Store):
         retrieve passes its sections layer-major, so layer 0 of every chunk arrives first."""
         known = [(self._path(k), off, n) for k, (off, n) in requests if self._known(k)]
         if known:
-            await self._run(_advise, known)
+            await self._run(advise, known)
 
     def _account(self, key: str, result, nbytes: int | None):  # type: ignore[no-untyped-def]
         if result is None:
@@ -370,7 +188,7 @@ class DiskStore(Store):
             return False
         want_direct = self.direct_writes and size >= DIRECT_MIN_BYTES
         try:
-            direct = await self._run(_write_atomic, path, view, self.fsync, want_direct)
+            direct = await self._run(write_atomic, path, view, self.fsync, want_direct)
         except OSError as exc:
             self.counters.errors += 1
             log.warning("disk write failed", key=key, error=str(exc))
@@ -387,37 +205,55 @@ class DiskStore(Store):
             await self._evict(keep=key)
         return True
 
-    def _victims(self, keep: str | None = None) -> list[str]:
-        """Drop least recently used entries from the index until the tier fits; returns them."""
+    @property
+    def leaving_bytes(self) -> int:
+        """Bytes of objects still indexed (readable) while they are handed down to the tier below."""
+        return sum(self._index.get(key, 0) for key in self._evicting)
+
+    def _victims(self, keep: str | None = None, hand_down: bool = False) -> list[str]:
+        """Least recently used entries to drop until the tier fits. Without ``hand_down`` they
+        leave the index at once. With it they stay in the index, readable, until ``_evict`` has
+        handed them to the tier below: otherwise a read between the two finds them in no tier."""
         victims = []
-        for key in list(self._index):
-            if self.used_bytes <= self.capacity_bytes:
+        over = self.used_bytes - self.leaving_bytes - self.capacity_bytes
+        for key, size in list(self._index.items()):
+            if over <= 0:
                 break
-            if key != keep:
+            if key == keep or key in self._evicting:
+                continue
+            self._evicting.add(key)  # its file lingers until unlinked: not to be re-indexed
+            if not hand_down:
                 self._forget(key)
-                self._evicting.add(key)  # its file lingers until unlinked: not to be re-indexed
-                victims.append(key)
+            over -= size
+            victims.append(key)
         self.counters.evictions += len(victims)
         return victims
 
     async def _evict(self, keep: str | None = None) -> None:
-        """Evict to capacity; with an ``on_evict`` hook (write-back), hand each object down first."""
-        for key in self._victims(keep):
-            path = self._path(key)
-            try:
-                if self.on_evict is not None:
-                    data = await self._run(_read_file, path)
-                    if data is not None:
-                        self.on_evict(key, memoryview(data))
-                await self._run(_unlink_quietly, path)
-            finally:
-                self._evicting.discard(key)
+        """Evict to capacity; with an ``on_evict`` hook (write-back), hand each object down first.
+        A victim put again meanwhile still goes (the same object, and it went down); one put
+        again after it left the index is looked at again once this round is done."""
+        hand_down = self.on_evict is not None
+        while victims := self._victims(keep, hand_down):
+            for key in victims:
+                path = self._path(key)
+                try:
+                    if hand_down:
+                        data = await self._run(self._read_whole, path, new_buffer, self._read_buffers.take)
+                        if data is not None:
+                            self.on_evict(key, memoryview(data))  # type: ignore[misc]
+                        self._forget(key)
+                    await self._run(unlink_quietly, path)
+                finally:
+                    self._evicting.discard(key)
+                if key in self._index and not path.exists():  # put again, then unlinked by us
+                    self._forget(key)
 
     def _evict_sync(self, need: int = 0, keep: str | None = None) -> int:
         """Evict at start-up (no loop yet, nothing to hand down)."""
         victims = self._victims(keep)
         for key in victims:
-            _unlink_quietly(self._path(key))
+            unlink_quietly(self._path(key))
             self._evicting.discard(key)
         return len(victims)
 
