@@ -8,16 +8,19 @@ chunk objects and single layer sections, and measures the matching limit:
   tier's get is zero-copy, so its get is timed as get + copy into a staging
   buffer (what the pipeline does with it).
 * disk: O_DIRECT write/read (page-aligned ``mmap`` buffers) of the same sizes
-  on the same filesystem. Tier writes are timed up to a final ``os.sync()``;
-  tier reads are cold (page cache dropped with ``posix_fadvise(DONTNEED)``).
-  The limit rewrites the same files every round; the tier creates a new file
-  per object, as it does in use. Files are removed only when the run ends.
+  on the same filesystem. Every put round writes new objects on both sides: the
+  tier a new key per object, the limit a new file per object (``dd oflag=direct``
+  into a new file); both are timed up to an ``os.sync()``. Tier reads are cold
+  (page cache dropped with ``posix_fadvise(DONTNEED)``). Tier and limit take
+  turns in slices of each round (``tier_limits.interleaved``): this VM's disk
+  speed drifts within seconds. Files are removed only when the run ends.
   ``--disk-writes buffered`` measures the tier's buffered write path instead.
 * s3: plain obstore put/get/get_range of the same bytes, same concurrency,
   same server (moto in a subprocess unless ``--s3-endpoint`` is given).
 
 Each figure is the median of paired rounds (tier and limit back to back, the
-order swapped each round), so a busy machine skews both sides alike; every
+order swapped each round; for disk, in slices within each round), so a busy
+machine skews both sides alike; every
 sample is in the JSON. Then lookups of 512 chunk keys spread over memory,
 disk and S3 through the tiered store (cold: includes the S3 LIST; warm:
 answered from the index), and the S3 tier's own overhead per request.
@@ -47,10 +50,12 @@ from streamkv.keys import Namespace
 from streamkv.layout import KVLayout
 
 try:
-    from benchmarks.tier_limits import ODirect, Job, MotoProcess, best_rate, drive, drop_cache, memcpy_rate, paired
+    from benchmarks.tier_limits import (ODirect, Job, MotoProcess, Side, best_rate, drive, drop_cache,
+                                        interleaved, memcpy_rate, paired)
 except ImportError:  # loaded by path (`streamkv bench tiers`, or a script run from benchmarks/)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from tier_limits import ODirect, Job, MotoProcess, best_rate, drive, drop_cache, memcpy_rate, paired  # type: ignore[no-redef]
+    from tier_limits import (ODirect, Job, MotoProcess, Side, best_rate, drive,  # type: ignore[no-redef]
+                             drop_cache, interleaved, memcpy_rate, paired)
 
 LAYOUTS = {
     "llama3-8b": KVLayout(32, 8, 128, "bfloat16", 256),
@@ -158,43 +163,45 @@ async def bench_disk(name: str, layout: KVLayout, blob: bytearray, n: int, repea
     from streamkv.store.limits import Limits
 
     tier_dir = root / f"tier-{name}"
-    store = DiskStore(tier_dir, n * len(blob) * (repeat + 2), limits=Limits(disk_io=concurrency),
+    store = DiskStore(tier_dir, n * len(blob) * (2 * repeat + 2), limits=Limits(disk_io=concurrency),
                       direct_writes=direct_writes)
     header = parse_header(blob)
     sec, nsec = layout.section_bytes, n * layout.num_layers
-    ks = keys("d", n)
+    stored = keys("c0", n)  # written by the first chunk-put round, read back by the gets
     section_blob = memoryview(blob)[:sec]
     od_chunk = ODirect(root / "od-chunk", len(blob), n, concurrency, memoryview(blob))
     od_sec = ODirect(root / "od-sec", sec, nsec, concurrency, section_blob)
-    ranges = [(k, header.section_range(layer)) for k in ks for layer in range(layout.num_layers)]
+    ranges = [(k, header.section_range(layer)) for k in stored for layer in range(layout.num_layers)]
 
-    def cold(jobs: list[Job]) -> list[Job]:
+    def cold() -> None:
         drop_cache(tier_dir)
-        return jobs
 
     whole = n * len(blob)
+    # Every round of puts writes new objects on both sides (new keys, new files), timed up to a
+    # sync; gets read the same objects every round, the tier's cold (page cache dropped first).
     plan = [
-        ("chunk", "put", od_chunk.write, lambda r: best_rate(
-            whole, 1, lambda _: [lambda k=k: store.put(k, blob) for k in ks], concurrency, after=os.sync)),
-        ("chunk", "get", od_chunk.read, lambda r: best_rate(
-            whole, 1, lambda _: cold([lambda k=k: store.get(k) for k in ks]), concurrency)),
-        ("section", "get", od_sec.read, lambda r: best_rate(
-            nsec * sec, 1, lambda _: cold([lambda k=k, rg=rg: store.get_ranges(k, [rg]) for k, rg in ranges]),
-            concurrency)),
-        ("section", "put", od_sec.write, lambda r: best_rate(
-            nsec * sec, 1, lambda _: [lambda k=k: store.put(k, section_blob) for k in keys(f"s{r}", nsec)],
-            concurrency, after=os.sync)),
+        ("chunk", "put", Side(lambda r: [lambda k=k: store.put(k, blob) for k in keys(f"c{r}", n)], whole,
+                              after=os.sync),
+         Side(od_chunk.write_jobs, whole, after=os.sync)),
+        ("chunk", "get", Side(lambda r: [lambda k=k: store.get(k) for k in stored], whole, before=cold),
+         Side(od_chunk.read_jobs, whole)),
+        ("section", "put", Side(lambda r: [lambda k=k: store.put(k, section_blob) for k in keys(f"s{r}", nsec)],
+                                nsec * sec, after=os.sync),
+         Side(od_sec.write_jobs, nsec * sec, after=os.sync)),
+        ("section", "get", Side(lambda r: [lambda k=k, rg=rg: store.get_ranges(k, [rg]) for k, rg in ranges],
+                                nsec * sec, before=cold),
+         Side(od_sec.read_jobs, nsec * sec)),
     ]
     rows = []
-    for unit, op, limit, tier in plan:
-        t, lim = await paired(repeat, tier, lambda r, limit=limit: limit())
+    for unit, op, tier, limit in plan:
+        t, lim = await interleaved(repeat, tier, limit, concurrency)
         label = "O_DIRECT write" if op == "put" else "O_DIRECT read"
         rows.append(Row(name, "disk", unit, op, len(blob) if unit == "chunk" else sec, t, label, lim))
-    # The files stay until the run ends (``run`` removes the whole directory then). On ext4
-    # without a journal, creating a file skips every inode of its group deleted in the last 60 s
-    # (300 s while its inode-table block is dirty), one buffer lookup each (fs/ext4/ialloc.c,
+    # The files stay until the run ends (``run`` removes the whole directory then), on both sides.
+    # On ext4 without a journal, creating a file skips every inode of its group deleted in the last
+    # 60 s (300 s while its inode-table block is dirty), one buffer lookup each (fs/ext4/ialloc.c,
     # recently_deleted): deleting this layout's thousands of files now would slow the next
-    # layout's puts (a new file each) but not its O_DIRECT limit (which rewrites its files).
+    # layout's file creations.
     return rows
 
 
