@@ -164,3 +164,30 @@ def test_a_vanished_file_is_a_miss(cold_store: DiskStore, small_threshold: list[
         os.unlink(cold_store._path(key(1)))
         assert reader() is None
     run(go)
+
+
+@pytest.mark.parametrize("huge", [False, True])
+def test_a_pooled_buffer_is_lent_once_until_dropped(huge: bool) -> None:
+    """Two reads in flight never share a buffer (a shared one let a corrupt object pass as the
+    one read before it); a dropped buffer is lent again, page-aligned."""
+    import gc
+
+    from streamkv.store.direct_io import AlignedBuffers
+
+    pool = AlignedBuffers()
+    a = pool.take(70_001, huge=huge)
+    b = pool.take(70_001, huge=huge)
+    assert a.ctypes.data != b.ctypes.data and a.nbytes == b.nbytes == 70_001
+    view = memoryview(a)[10:20]  # a view keeps it lent
+    first = a.ctypes.data
+    del a
+    gc.collect()
+    c = pool.take(70_001, huge=huge)
+    third = c.ctypes.data
+    assert third not in (first, b.ctypes.data)
+    assert pool.created == 3
+    del view, c
+    gc.collect()
+    again = [pool.take(70_001, huge=huge) for _ in range(2)]  # both back in the pool, lent again
+    assert sorted(x.ctypes.data for x in again) == sorted([first, third]) and pool.created == 3
+    assert all(x.ctypes.data % 4096 == 0 for x in again + [b])

@@ -131,8 +131,8 @@ class DiskStore(Store):
         path = self._path(key)
         if self.direct_reads:
             return partial(self._read_direct, path, size)
-        pooled = self._read_buffers.take
-        return partial(self._read_whole, path, pooled, pooled, self.mmap_reads and size >= MAPPED_WHOLE_BYTES)
+        pool = self._read_buffers
+        return partial(self._read_whole, path, pool.take, pool.take_huge, self.mmap_reads and size >= MAPPED_WHOLE_BYTES)
 
     def _read_whole(self, path: Path, take: Take, direct: Take, map_warm: bool = False) -> Buffer | None:
         """``disk_read.read_whole``, cold large objects with O_DIRECT into buffers from ``direct``
