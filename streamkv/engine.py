@@ -8,6 +8,7 @@ corrupt object: those are misses, logged and counted."""
 
 from __future__ import annotations
 
+import weakref
 from concurrent.futures import Future
 from typing import Any, Sequence
 
@@ -75,6 +76,7 @@ class StreamKVEngine:
         self.store.telemetry = self.telemetry
         self.telemetry.attach(self)
         self._closed = False
+        self._retrieving: weakref.WeakSet[RetrieveHandle] = weakref.WeakSet()  # producers still running
 
     # -- keys ----------------------------------------------------------------
     def keys(self, tokens: Any) -> list[str]:
@@ -153,6 +155,7 @@ class StreamKVEngine:
         producer = LayerwiseProducer(self.store, keys, self.layout, self.namespace, handle, sink,
                                      self.limits, self.config.max_inflight_layers, self.counters)
         handle._release = lambda layer: self.runtime.submit(producer.release, layer)
+        self._retrieving.add(handle)
         handle.future = future = self.runtime.submit(self.telemetry.bind(producer.run, rec.context if rec else None))
         if rec is not None:
             future.add_done_callback(rec.producer_done)
@@ -169,6 +172,7 @@ class StreamKVEngine:
         # sink, often tens of MB) is freed by reference counting, not a later GC pass
         # (the handle drops its release hook, the other cycle, after the last layer)
         handle.future = None
+        self._retrieving.discard(handle)
 
     # -- store -----------------------------------------------------------------
     def store_kv(self, tokens: Any, source: LayerSource) -> Future[int]:
@@ -291,10 +295,14 @@ class StreamKVEngine:
         return {"engine": dict(self.counters), "store": self.store.stats()}
 
     def close(self) -> None:
-        """Finish background writes and stop the loop; safe to call twice."""
+        """Finish background writes and stop the loop; safe to call twice. Retrieves still
+        streaming are cancelled (their waiters get False): a consumer that stopped taking
+        layers would otherwise hold its producer, and the loop, forever."""
         if self._closed:
             return
         self._closed = True
+        for handle in list(self._retrieving):
+            handle.cancel()
         try:
             self.runtime.call(self.store.aclose)
         finally:

@@ -238,6 +238,50 @@ def test_retrieve_asks_the_disk_to_read_ahead_layer_by_layer(tmp_path: Path) -> 
     engine.close()
 
 
+def test_close_cancels_a_retrieve_its_consumer_abandoned(tmp_path: Path) -> None:
+    """A consumer that took layer 0 and went away (no more waits, no cancel): close() must not
+    wait forever for a producer holding its next layer, and later waits answer False."""
+    import threading
+
+    layout = KVLayout(num_layers=12, num_kv_heads=2, head_size=8, dtype="float32", chunk_size=16)
+    engine = make_engine(tmp_path, layout=layout, tiers=("disk",), max_inflight_layers=1)
+    tokens = np.arange(32)
+    kv = [[np.ones((32, 2, 8), np.float32) for _ in range(2)] for _ in range(12)]
+    assert engine.store_kv(tokens, lambda layer: kv[layer]).result(30) == 2
+    handle = engine.retrieve(tokens)
+    assert handle.wait(0)
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    closer.join(20)
+    assert not closer.is_alive(), "close() hung on an abandoned retrieve"
+    assert handle.wait(11, timeout=1) is False
+
+
+def test_read_ahead_hints_run_a_window_ahead_of_the_consumer(tmp_path: Path) -> None:
+    """Hints go out a few layers ahead of the layer being read, not all at once: the first
+    layers' reads must not queue behind the last ones'. With one layer in flight (window 2),
+    a consumer that took only layer 0 has had at most layers 0-3 hinted."""
+    import time
+
+    from tests.test_tiers import RecordingDisk
+
+    layout = KVLayout(num_layers=12, num_kv_heads=2, head_size=8, dtype="float32", chunk_size=16)
+    disk = RecordingDisk(tmp_path / "rec", 1 << 24)
+    with make_engine(tmp_path, layout=layout, tiers=[disk], max_inflight_layers=1) as engine:
+        tokens = np.arange(32)
+        kv = [[np.random.default_rng(i).standard_normal((32, 2, 8)).astype(np.float32) for _ in range(2)]
+              for i in range(12)]
+        assert engine.store_kv(tokens, lambda layer: kv[layer]).result(30) == 2
+        keys = engine.keys(tokens)
+        handle = engine.retrieve(tokens)
+        assert handle.wait(0)
+        time.sleep(0.3)  # the producer goes as far as it may
+        hinted = sorted({(k, r) for k, r in disk.hints})
+        assert 2 * 2 <= len(hinted) <= 4 * 2  # layers 0-1 at least, 0-3 at most, of 2 chunks
+        assert all(handle.wait(layer) for layer in range(12))
+        assert [k for k, _ in disk.hints] == keys * 12  # in the end every section, layer-major
+
+
 # -- key-level objects straight from / into the caller's memory (write_chunks_from, read_chunks_into) --
 
 def _token_major(tokens_kv: np.ndarray) -> np.ndarray:

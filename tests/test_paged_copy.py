@@ -83,6 +83,32 @@ def test_gather_scatter_round_trip(case: str, dtype: torch.dtype, chunk_tokens: 
     assert int(paged.gather_pages(dst, others).count_nonzero()) == 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_chunk_scatter_writes_what_scatter_pages_writes(case: str, dtype: torch.dtype) -> None:
+    """The prepared per-chunk scatter (PagedPoolSink on a CPU) gives the pool the same bytes as
+    scatter_pages, chunk by chunk, at any section offset; pools whose blocks and offsets do not
+    merge into slots (HND, vLLM's packed halves) get None and keep scatter_pages."""
+    gen = torch.Generator().manual_seed(5)
+    src = CASES[case](_maker(dtype, "rand", gen))
+    slots = _slots(gen, 48)
+    section = paged.gather_pages(src, slots, chunk_tokens=16)
+    a, b = CASES[case](_maker(dtype, "zeros", gen)), CASES[case](_maker(dtype, "zeros", gen))
+    scatter = paged.chunk_scatter(a)
+    if case in ("mha_hnd", "vllm_packed", "vllm_packed_strided"):
+        assert scatter is None
+        return
+    assert scatter is not None
+    per_chunk = section.numel() // 3
+    odd = torch.empty(section.numel() + 3, dtype=torch.uint8)[3:]  # a section at an odd offset
+    odd.copy_(section)
+    for c, sec in enumerate((section, odd, section)):
+        scatter(slots[16 * c : 16 * (c + 1)], sec[per_chunk * c : per_chunk * (c + 1)])
+    paged.scatter_pages(b, slots, section, chunk_tokens=16)
+    for x, y in zip(a, b):
+        assert torch.equal(x.view, y.view)
+
+
 def test_section_layout_is_chunks_of_k_then_v() -> None:
     """The section matches streamkv.layout: per chunk, K [T, H, D] then V [T, H, D]."""
     gen = torch.Generator().manual_seed(2)

@@ -96,8 +96,9 @@ class RetrieveHandle:
         if not ok:  # the producer is stuck: give up on this layer and the whole hit
             self.chunk_failed(0, layer)
             return False
-        if self._release is not None:
-            self._release(layer)
+        release = self._release  # cancel() may drop it meanwhile
+        if release is not None:
+            release(layer)
             if layer == self.num_layers - 1:
                 self._release = None  # the last one: drop the hook (it references the producer)
         with self._lock:
@@ -109,6 +110,7 @@ class RetrieveHandle:
     def cancel(self) -> None:
         """Stop fetching (the request went away); waiters are released as failed."""
         self.cancelled = True
+        self._release = None  # no producer to hand layers back to (its loop may be gone too)
         if self.future is not None:
             self.future.cancel()
         if not self._ready.is_set():

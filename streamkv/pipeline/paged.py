@@ -15,7 +15,7 @@ separate K/V tensors and vLLM's packed K|V layout therefore give the same sectio
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -192,14 +192,40 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _alike(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two uint8 tensors viewed with the widest integer element both allow."""
+    a, b = _wide(a), _wide(b)
+    if a.element_size() > b.element_size():
+        a = a.view(b.dtype)
+    elif b.element_size() > a.element_size():
+        b = b.view(a.dtype)
+    return a, b
+
+
 def _copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)`` for uint8 tensors of one shape, with wide elements where both allow."""
-    d, s = _wide(dst), _wide(src)
-    if d.element_size() > s.element_size():
-        d = d.view(s.dtype)
-    elif s.element_size() > d.element_size():
-        s = s.view(d.dtype)
+    d, s = _alike(dst, src)
     d.copy_(s)
+
+
+def _slot_rows(seg: PagedSegment) -> torch.Tensor | None:
+    """The pool as ``[num_slots, heads, seg_bytes]`` (a view) where blocks and in-block offsets
+    merge into one slot dimension (NHD pages, SGLang's token pools, MLA); None where they do
+    not (HND pages, vLLM's packed K|V halves)."""
+    try:
+        return seg.view.view(seg.num_slots, seg.heads, seg.seg_bytes)
+    except RuntimeError:
+        return None
+
+
+def _per_chunk(pieces: Pieces, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(slots, contiguous ``[tokens, row_bytes]`` part of the section) for each chunk of ``pieces``."""
+    out = []
+    for t0, t1, part in pieces:
+        parts = part if part.dim() == 3 else part.unsqueeze(0)
+        m = parts.shape[1]
+        out += [(slots[t0 + c * m : t0 + (c + 1) * m], parts[c]) for c in range(parts.shape[0])]
+    return out
 
 
 def gather_torch(
@@ -211,6 +237,12 @@ def gather_torch(
         return
     chunk = chunk_tokens or n
     for seg, pieces in zip(segments, _section_views(staging, segments, n, chunk)):
+        pool = _slot_rows(seg)
+        if pool is not None:  # one index_select per chunk, straight into the section
+            for idx, dst in _per_chunk(pieces, slots):
+                rows, out = _alike(pool, dst.view(-1, seg.heads, seg.seg_bytes))
+                torch.index_select(rows, 0, idx, out=out)
+            continue
         blk, off = slots // seg.block_size, slots % seg.block_size
         rows = _wide(seg.view)[blk, off].reshape(n, -1).view(torch.uint8)
         for t0, t1, dst in pieces:
@@ -226,12 +258,43 @@ def scatter_torch(
         return
     chunk = chunk_tokens or n
     for seg, pieces in zip(segments, _section_views(staging, segments, n, chunk)):
+        pool_rows = _slot_rows(seg)
+        if pool_rows is not None:  # one index_copy_ per chunk, straight from the section (4x
+            for idx, src in _per_chunk(pieces, slots):  # faster than the index_put_ below)
+                rows, part = _alike(pool_rows, src.view(-1, seg.heads, seg.seg_bytes))
+                rows.index_copy_(0, idx, part)
+            continue
         rows = torch.empty((n, seg.row_bytes), dtype=torch.uint8, device=staging.device)
         for t0, t1, src in pieces:
             _copy_bytes(rows[t0:t1].view(src.shape), src)
         blk, off = slots // seg.block_size, slots % seg.block_size
         pool = _wide(seg.view)
         pool[blk, off] = rows.view(pool.dtype).view(n, seg.heads, -1)
+
+
+def chunk_scatter(segments: Sequence[PagedSegment]) -> Callable[[torch.Tensor, torch.Tensor], None] | None:
+    """``scatter_pages`` of one section of whole segments at a time (a chunk's), with what
+    depends only on the pool worked out once: each segment's slot rows, viewed wide. For a
+    producer that scatters many small sections into one pool on a CPU, where the per-call
+    Python of ``scatter_pages`` costs as much as the copy. None where the pool's blocks and
+    offsets do not merge into slots (use ``scatter_pages``)."""
+    rows = [_slot_rows(s) for s in segments]
+    if any(r is None for r in rows):
+        return None
+    pools = [(_wide(r), s.heads, s.seg_bytes, s.row_bytes) for r, s in zip(rows, segments)]  # type: ignore[arg-type]
+
+    def scatter(slots: torch.Tensor, section: torch.Tensor) -> None:
+        n, off = slots.numel(), 0
+        for pool, heads, seg_bytes, row_bytes in pools:
+            part = section[off : off + n * row_bytes].view(n, heads, seg_bytes)
+            try:
+                pool.index_copy_(0, slots, part.view(pool.dtype))
+            except RuntimeError:  # this section's offset does not allow the wide element
+                dst, src = _alike(pool.view(torch.uint8), part)
+                dst.index_copy_(0, slots, src)
+            off += n * row_bytes
+
+    return scatter
 
 
 def _use_kernel(backend: Backend, device: torch.device) -> bool:

@@ -46,6 +46,7 @@ class LayerwiseProducer:
         self.sink = sink
         self.limits = limits
         self.counters = counters
+        self.max_inflight = max_inflight
         self.slots = anyio.Semaphore(max_inflight)
         self.headers: list[ChunkHeader] = []
         self.objects: list[memoryview | None] = []  # whole objects read in place, per chunk
@@ -68,9 +69,7 @@ class LayerwiseProducer:
     async def run(self) -> None:
         try:
             await self._read_headers()
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._prefetch)
-                await self._read_layers()
+            await self._read_layers()
         except BaseException:
             self.handle.cancel()
             raise
@@ -100,33 +99,46 @@ class LayerwiseProducer:
         self.sink.begin(hit)
         self.handle.set_hit(hit)
 
-    async def _prefetch(self) -> None:
-        """Tell the tiers what is coming, in the order it is consumed: layer by layer."""
-        if not self.headers or not self.store.prefetches():
-            return
+    async def _prefetch(self, first: int, last: int) -> None:
+        """Tell the tiers which sections come next, layers ``first`` to ``last - 1``, in order."""
         order = [(self.keys[c], h.section_range(layer))
-                 for layer in range(self.layout.num_layers) for c, h in enumerate(self.headers)]
+                 for layer in range(first, min(last, self.layout.num_layers)) for c, h in enumerate(self.headers)]
+        if not order:
+            return
         try:
             await self.store.prefetch(order)
         except Exception as exc:  # only a hint
             log.debug("prefetch failed", error=repr(exc))
 
     async def _read_layers(self) -> None:
+        """Layer by layer, at most ``max_inflight`` ahead of the consumer. The tiers are told
+        of a window of layers ahead (read-ahead hints), not all at once: the first layers'
+        reads then do not queue behind the last ones' (a cold SmolLM2 hit of 16 chunks waited
+        42-189 ms for its first layer with every section hinted at the start)."""
         if not self.headers:
             return
         suppress_tier_spans()  # chunks x layers section reads: the layer spans carry their timing
+        hints = self.store.prefetches()
+        window = self.max_inflight + 1  # hinted layers ahead of the one being read
         async with anyio.create_task_group() as tg:
+            if hints:
+                tg.start_soon(self._prefetch, 0, window)
             for layer in range(self.layout.num_layers):
                 await self.slots.acquire()
                 if self.handle.cancelled:
                     return
+                if hints and layer + window < self.layout.num_layers:
+                    tg.start_soon(self._prefetch, layer + window, layer + window + 1)
                 tg.start_soon(self._read_layer, layer)
 
     async def _read_layer(self, layer: int) -> None:
         if self.handle.trace is not None:
             self.handle.trace.layer_fetch(layer)
         live = self.handle.live_chunks()
-        stored = await gather([lambda c=c: self._fetch_section(c, layer) for c in range(live)])
+        if all(self.objects[c] is not None for c in range(live)):  # sliced in place: no task each
+            stored = [self._slice_section(c, layer) for c in range(live)]
+        else:
+            stored = await gather([lambda c=c: self._fetch_section(c, layer) for c in range(live)])
         # one worker-thread hop per layer, not per section: on a small CPU the hops cost
         # more than the checksums
         failures = await anyio.to_thread.run_sync(self._deliver_layer, layer, stored,
@@ -147,12 +159,16 @@ class LayerwiseProducer:
         except Exception as exc:  # a failing tier: the next read is a miss anyway
             log.warning("could not delete a corrupt chunk", key=self.keys[chunk], error=repr(exc))
 
-    async def _fetch_section(self, chunk: int, layer: int) -> memoryview | None:
+    def _slice_section(self, chunk: int, layer: int) -> memoryview:
         whole = self.objects[chunk]
-        if whole is not None:
-            off, n = self.headers[chunk].section_range(layer)
-            self.store.count_read_in_place(self.keys[chunk], n)
-            return whole[off : off + n]
+        assert whole is not None
+        off, n = self.headers[chunk].section_range(layer)
+        self.store.count_read_in_place(self.keys[chunk], n)
+        return whole[off : off + n]
+
+    async def _fetch_section(self, chunk: int, layer: int) -> memoryview | None:
+        if self.objects[chunk] is not None:
+            return self._slice_section(chunk, layer)
         parts = await self.store.get_ranges(self.keys[chunk], [self.headers[chunk].section_range(layer)])
         return None if parts is None else parts[0]
 

@@ -25,6 +25,7 @@ from streamkv.errors import ConfigError
 from streamkv.pipeline.device import Device, LayerEvent
 from streamkv.pipeline.paged import (
     PagedSegment,
+    chunk_scatter,
     gather_pages,
     scatter_pages,
     section_nbytes,
@@ -329,6 +330,8 @@ class PagedPoolSink:
         self.hit_chunks = 0
         self._written = [0] * len(self.layers)
         self._lock = threading.Lock()
+        # CPU: each layer's pool prepared once for chunk-sized scatters (None: scatter_pages)
+        self._scatters = [chunk_scatter(segs) if ring is None else None for segs in self.layers]
         biggest = max(section_nbytes(segs, chunk_tokens) for segs in self.layers)
         if ring is not None and ring.buffer_bytes < biggest:
             raise ConfigError("buffer_bytes", ring.buffer_bytes, f"smaller than one chunk's layer section ({biggest} bytes)")
@@ -346,7 +349,11 @@ class PagedPoolSink:
             need = section_nbytes(segs, slots.numel())
             raise ValueError(f"layer {layer} chunk {chunk}: {src.numel()} bytes, {slots.numel()} slots need {need}")
         if self.ring is None:
-            scatter_pages(segs, slots, src, chunk_tokens=self.chunk_tokens)
+            scatter = self._scatters[layer]
+            if scatter is not None:
+                scatter(slots, src)
+            else:
+                scatter_pages(segs, slots, src, chunk_tokens=self.chunk_tokens)
         else:
             self._write_staged(segs, slots, src)
         with self._lock:
