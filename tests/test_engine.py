@@ -363,6 +363,7 @@ def test_read_into_misses_leave_destinations_untouched(tmp_path: Path, monkeypat
     objects after it are neither copied nor reported, without it they are. ``cold-direct``: the
     objects are out of the page cache and read around it with O_DIRECT (disk_read.read_whole)."""
     from streamkv.store import disk, disk_read
+    from tests.test_disk_reads import _cached, _drop
 
     mapped = reads != "whole"
     monkeypatch.setattr(disk, "MAPPED_WHOLE_BYTES", 0 if mapped else 1 << 40)
@@ -391,7 +392,7 @@ def test_read_into_misses_leave_destinations_untouched(tmp_path: Path, monkeypat
         if reads == "cold-direct":
             for f in (tmp_path / "disk").rglob("*"):
                 if f.is_file():
-                    _drop_from_page_cache(f)
+                    _drop(f)
 
         out = [np.zeros_like(p) for p in pages]
         assert engine.read_chunks_into(keys, [_token_major(o) for o in out], prefix=True) == [True, False, False, False]
@@ -402,27 +403,8 @@ def test_read_into_misses_leave_destinations_untouched(tmp_path: Path, monkeypat
         out = [np.zeros_like(p) for p in pages]
         assert engine.read_chunks_into(keys, [_token_major(o) for o in out]) == [True, False, True, True]
         assert not out[1].any() and all(np.array_equal(o, p) for o, p in zip(out[2:], pages[2:]))
-        if reads == "cold-direct" and _kernel_tells_what_is_cached(path) and engine.store.tiers[0].cold_direct_reads:
+        if reads == "cold-direct" and _cached(path) is not None and engine.store.tiers[0].cold_direct_reads:
             assert direct_reads, "no object was read with O_DIRECT"
-
-
-def _kernel_tells_what_is_cached(path: Path) -> bool:
-    from streamkv.store.direct_io import cached_pages
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return cached_pages(fd) is not None
-    finally:
-        os.close(fd)
-
-
-def _drop_from_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def test_read_into_rejects_bad_destinations(tmp_path: Path) -> None:

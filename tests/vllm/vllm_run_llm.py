@@ -13,6 +13,11 @@ import time
 
 def main(args: dict) -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # The same OpenMP team with and without a connector: vLLM reserves one more core when a
+    # kv_transfer_config is set, which on 2 cores leaves it none to reserve and runs the model
+    # on 2 threads instead of 1; GEMMs then round differently and greedy tokens of these
+    # random prompts can differ (seen on a 2-vCPU EPYC) with no KV ever loaded.
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
@@ -23,7 +28,8 @@ def main(args: dict) -> dict:
             kv_role="kv_both", kv_connector_extra_config=args["extra"],
             kv_load_failure_policy=args.get("failure_policy", "recompute"))
     t0 = time.perf_counter()
-    llm = LLM(model=args["model"], dtype="bfloat16", enforce_eager=True, enable_prefix_caching=False,
+    llm = LLM(model=args["model"], dtype="bfloat16", enforce_eager=True,
+              enable_prefix_caching=bool(args.get("prefix_caching", False)),
               max_model_len=args.get("max_model_len", 4096), max_num_batched_tokens=args.get("batch", 4096),
               seed=0, disable_log_stats=False, **kw)
     startup = time.perf_counter() - t0
