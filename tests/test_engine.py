@@ -355,6 +355,31 @@ def test_compressible_pages_are_compressed_and_read_back(tmp_path: Path, compres
         assert np.array_equal(out, page)
 
 
+def test_auto_compression_probes_less_while_pages_do_not_compress(tmp_path: Path) -> None:
+    """"auto" stops probing every object once probes keep saying no, and compresses again
+    within ``PROBE_EVERY`` objects of pages that do compress; every page reads back exactly."""
+    from streamkv.chunk_objects import PROBE_EVERY, PROBE_STREAK
+
+    with make_engine(tmp_path, tiers=("disk",), compression="auto") as engine:
+        objects = engine.objects
+        noisy = [_page(100 + i) for i in range(PROBE_STREAK + 3 * PROBE_EVERY)]
+        keys = [engine.object_key(f"n{i}") for i in range(len(noisy))]
+        for k, p in zip(keys, noisy):  # one at a time: the count does not depend on lanes
+            assert engine.write_chunks_from([k], [_token_major(p)]) == [True]
+        assert objects.probes == PROBE_STREAK + 3
+        zeros = np.zeros_like(noisy[0])
+        zeros[..., 0] = 7
+        zkeys = [engine.object_key(f"z{i}") for i in range(PROBE_EVERY + 2)]
+        for k in zkeys:
+            assert engine.write_chunks_from([k], [_token_major(zeros)]) == [True]
+        sizes = [(tmp_path / "disk" / k).stat().st_size for k in zkeys]
+        assert sizes[-1] < LAYOUT.chunk_bytes // 2  # probed again, found worth it, compressed
+        out = [np.ones_like(zeros) for _ in range(len(keys) + len(zkeys))]
+        assert all(engine.read_chunks_into(keys + zkeys, [_token_major(o) for o in out]))
+        for o, p in zip(out, noisy + [zeros] * len(zkeys)):
+            assert np.array_equal(o, p)
+
+
 @pytest.mark.parametrize("reads", ["whole", "mapped", "cold-direct"])
 @pytest.mark.parametrize("damage", ["flip", "truncate", "foreign"])
 def test_read_into_misses_leave_destinations_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

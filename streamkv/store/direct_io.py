@@ -87,6 +87,12 @@ def _anonymous(size: int) -> np.ndarray:
     return np.frombuffer(m, dtype=np.uint8)
 
 
+def aligned_empty(nbytes: int) -> np.ndarray:
+    """A uint8 array of ``nbytes`` carved from whole huge pages (2 MiB), starting on one: a buffer
+    that an O_DIRECT write hands to the device as it is (``disk_write``), without staging it."""
+    return _anonymous(_round_up(max(nbytes, 1), HUGE_BYTES))[:nbytes]
+
+
 class DirectIOUnsupported(OSError):
     """The filesystem refuses O_DIRECT (tmpfs, some overlay and network filesystems)."""
 

@@ -30,13 +30,15 @@ def new_buffer(size: int) -> np.ndarray:
 
 
 def _cold(fd: int, size: int) -> bool:
-    """The page cache holds less than half of the file and none of it is dirty. Where the
-    kernel cannot tell, False: read through the page cache, as always."""
+    """The page cache holds less than half of the file and at most one page of it is dirty (the
+    disk tier writes an object's last partial block through the page cache: an O_DIRECT read
+    writes that page back first). Where the kernel cannot tell, False: read through the page
+    cache, as always."""
     seen = cached_pages(fd)
     if seen is None:
         return False
     cached, dirty = seen
-    return dirty == 0 and cached * mmap.PAGESIZE < size // 2
+    return dirty <= 1 and cached * mmap.PAGESIZE < size // 2
 
 
 def read_whole(path: Path, take: Take = new_buffer, direct: Take | None = None,
