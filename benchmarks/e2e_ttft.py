@@ -25,7 +25,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from streamkv.adapters.transformers import CachedModel
-from streamkv.adapters.transformers.cache import layer_tensors
+from streamkv.adapters.transformers.cache import cache_kwargs, layer_tensors
 from streamkv.adapters.transformers.smollm2 import load_smollm2
 from streamkv.config import StreamKVConfig
 from streamkv.fingerprint import fingerprint_model
@@ -46,7 +46,7 @@ def floor_ttft(model: Any, cm: CachedModel, ids: torch.Tensor, prefix: int, repe
             k, v = layer_tensors(array, cm.layout, ids.device)
             cache.update(k.contiguous(), v.contiguous(), layer)
         start = time.perf_counter()
-        model(ids[prefix:].unsqueeze(0), past_key_values=cache, use_cache=True)
+        model(ids[prefix:].unsqueeze(0), **cache_kwargs(model, cache), use_cache=True)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

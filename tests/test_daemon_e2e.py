@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 
 from streamkv.adapters.transformers import CachedModel  # noqa: E402
+from streamkv.adapters.transformers.cache import cache_kwargs  # noqa: E402
 from streamkv.adapters.transformers.session import layout_for  # noqa: E402
 from streamkv.adapters.transformers.smollm2 import load_smollm2  # noqa: E402
 from streamkv.client import DaemonStore  # noqa: E402
@@ -58,8 +59,8 @@ def test_smollm2_through_the_daemon_equals_recompute(daemon: DaemonProcess, tmp_
         assert cold.hit_tokens == 0 and cold.stored.result() == PREFIX // 256
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(second[:PREFIX].unsqueeze(0), past_key_values=cache, use_cache=True)
-        reference = model(second[PREFIX:].unsqueeze(0), past_key_values=cache, use_cache=True).logits[:, -1, :]
+        model(second[:PREFIX].unsqueeze(0), **cache_kwargs(model, cache), use_cache=True)
+        reference = model(second[PREFIX:].unsqueeze(0), **cache_kwargs(model, cache), use_cache=True).logits[:, -1, :]
     with daemon_model(model, fingerprint, daemon.socket) as cm:  # a fresh engine: only the daemon has the KV
         warm = cm.prefill(second)
     assert warm.hit_tokens == PREFIX

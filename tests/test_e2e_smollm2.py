@@ -24,6 +24,7 @@ pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 
 from streamkv.adapters.transformers import CachedModel  # noqa: E402
+from streamkv.adapters.transformers.cache import cache_kwargs  # noqa: E402
 from streamkv.adapters.transformers.smollm2 import load_smollm2  # noqa: E402
 from streamkv.config import StreamKVConfig  # noqa: E402
 from streamkv.fingerprint import fingerprint_model  # noqa: E402
@@ -58,8 +59,8 @@ def recompute(model, ids: torch.Tensor, split: int = PREFIX):  # type: ignore[no
     """Last-position logits and the cache, with the prefix KV recomputed from scratch."""
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(ids[:split].unsqueeze(0), past_key_values=cache, use_cache=True)
-        logits = model(ids[split:].unsqueeze(0), past_key_values=cache, use_cache=True).logits[:, -1, :]
+        model(ids[:split].unsqueeze(0), **cache_kwargs(model, cache), use_cache=True)
+        logits = model(ids[split:].unsqueeze(0), **cache_kwargs(model, cache), use_cache=True).logits[:, -1, :]
     return logits, cache
 
 

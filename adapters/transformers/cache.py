@@ -8,6 +8,7 @@ tokens as usual: layer ``l+1`` keeps streaming while layer ``l`` computes."""
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any
 
@@ -21,6 +22,18 @@ from streamkv.pipeline.handle import RetrieveHandle
 from streamkv.pipeline.sink import ChunkViewSink
 
 _TORCH_RAW = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for a model's forward and ``generate``: transformers 5.25 renamed
+    ``past_key_values`` to ``cache`` (the old name warns on every call and goes in 5.40);
+    older 5.x releases know only the old name."""
+    forward = getattr(model, "forward", None)
+    try:
+        new = forward is not None and "cache" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        new = False
+    return {"cache" if new else "past_key_values": cache}
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -23,7 +23,7 @@ from streamkv.fingerprint import fingerprint_model
 from streamkv.keys import Namespace, as_token_array
 from streamkv.layout import KVLayout, dtype_name
 from streamkv.pipeline.sink import ChunkViewSink
-from streamkv.adapters.transformers.cache import StreamKVCache, host_planes
+from streamkv.adapters.transformers.cache import StreamKVCache, cache_kwargs, host_planes
 
 log = structlog.get_logger(__name__)
 
@@ -94,7 +94,7 @@ class CachedModel:
             cache = StreamKVCache(self.model.config, handle, self.layout)
             hit = handle.hit_tokens
             try:
-                out = self.model(ids[:, hit:], past_key_values=cache, use_cache=True)
+                out = self.model(ids[:, hit:], **cache_kwargs(self.model, cache), use_cache=True)
                 break
             except RetrieveFailed as exc:
                 handle.cancel()
@@ -132,19 +132,19 @@ class CachedModel:
         for _ in range(max_new_tokens - 1):
             if eos is not None and tokens[-1] == eos:
                 break
-            out = self.model(token, past_key_values=cache, use_cache=True)
+            out = self.model(token, **cache_kwargs(self.model, cache), use_cache=True)
             token = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)
             tokens.append(int(token))
         return GenerateResult(tokens, pre.hit_tokens, pre.prompt_tokens, pre.ttft_s,
                               time.perf_counter() - start, {"retries": pre.retries})
 
     def hf_generate(self, input_ids: Any, store: bool = True, **kwargs: Any) -> torch.Tensor:
-        """``model.generate`` with the streamed cache as ``past_key_values``."""
+        """``model.generate`` with the streamed cache as its KV cache."""
         ids = self._prompt(input_ids)
         handle = self.engine.retrieve(ids[0], sink=ChunkViewSink(self.layout), max_tokens=ids.shape[1] - 1)
         cache = StreamKVCache(self.model.config, handle, self.layout)
         try:
-            out = self.model.generate(ids, past_key_values=cache, **kwargs)
+            out = self.model.generate(ids, **cache_kwargs(self.model, cache), **kwargs)
         except RetrieveFailed:
             handle.cancel()
             return self.model.generate(ids, **kwargs)
