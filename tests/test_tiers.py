@@ -401,7 +401,7 @@ def test_disk_falls_back_to_buffered_when_open_refuses_direct(tmp_path: Path,
         store = DiskStore(tmp_path, 1 << 20)
         data = [os.urandom(disk_write.DIRECT_MIN_BYTES + i) for i in range(3)]
         assert await store.put(key(0), data[0])
-        assert store.direct_writes is False
+        assert store.direct_writes is False and store.stats()["direct_writes"] is False
         tried = sum(1 for f in seen if f & disk_write.O_DIRECT)
         assert tried >= (1 if disk_write.O_DIRECT else 0)
         for i, d in enumerate(data[1:], 1):

@@ -196,7 +196,8 @@ class DiskStore(Store):
             return False
         if want_direct and not direct:
             self.direct_writes = False
-            log.info("disk tier writes buffered: the filesystem refuses O_DIRECT", root=str(self.root))
+            log.warning("disk tier writes buffered from now on: the filesystem refuses O_DIRECT",
+                        root=str(self.root))
         self._forget(key)
         self._index[key] = size
         self.used_bytes += size
@@ -323,6 +324,7 @@ class DiskStore(Store):
             "used_bytes": self.used_bytes,
             "capacity_bytes": self.capacity_bytes,
             "root": str(self.root),
+            "direct_writes": self.direct_writes,  # False once the filesystem refused O_DIRECT
         }
 
 
