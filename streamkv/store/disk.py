@@ -197,7 +197,7 @@ class DiskStore(Store):
         if want_direct and not direct:
             self.direct_writes = False
             log.warning("disk tier writes buffered from now on: the filesystem refuses O_DIRECT",
-                        root=str(self.root))
+                        root=self._root)
         self._forget(key)
         self._index[key] = size
         self.used_bytes += size

@@ -4,9 +4,10 @@ A reader sees the old object or the new one, never half of one; a temporary file
 crash is removed when the tier starts. Objects of ``DIRECT_MIN_BYTES`` and more are written
 with ``O_DIRECT``, straight from the caller's buffer where it lies in huge pages, else from a
 reused aligned one (all but the last partial block: that one goes through the page cache): the
-bytes go to the device by DMA, with no copy into the page cache and no writeback of it later. Smaller objects are written buffered (measured faster there: one
-O_DIRECT write waits for the device, a buffered one does not). Where the filesystem refuses
-``O_DIRECT`` (``EINVAL``) ``write_atomic`` writes buffered and says so."""
+bytes go to the device by DMA, with no copy into the page cache and no writeback of it later.
+Smaller objects are written buffered (measured faster there: one O_DIRECT write waits for the
+device, a buffered one does not). Where the filesystem refuses ``O_DIRECT`` (``EINVAL``)
+``write_atomic`` writes buffered and says so."""
 
 from __future__ import annotations
 
@@ -25,10 +26,6 @@ DIRECT_PIECE = 8 << 20  # bytes per O_DIRECT write; also the size of one aligned
 DIRECT_MIN_BYTES = 128 << 10  # smaller objects are written buffered (see benchmarks/README.md)
 
 _buffers = AlignedBuffers(max_idle_bytes=4 * DIRECT_PIECE)  # staging for O_DIRECT writes
-
-
-def _round_up(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 def unlink_quietly(path: Path) -> None:
