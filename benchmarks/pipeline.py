@@ -200,11 +200,23 @@ def measure(bench: Bench, q: int) -> dict[str, float]:
         bench.sync()
         compute()
 
+    parts: dict[str, list[float]] = {"start_s": [], "first_wait_s": [], "later_waits_s": [], "compute_s": []}
+
     def pipelined() -> None:
+        # Where the pipelined time goes, on a CPU (on a GPU wait() only queues a stream wait):
+        # starting the retrieve, the wait for layer 0 (headers, then layer 0: never hidden), the
+        # waits for later layers (load not hidden) and the compute beside the loader.
+        t = [time.perf_counter()]
         handle, sink = bench.start()
+        t.append(time.perf_counter())
         for layer in range(L):
             bench.wait(handle, sink, layer)
+            t.append(time.perf_counter())
             bench.compute(layer, q)
+            t.append(time.perf_counter())
+        steps = [b - a for a, b in zip(t, t[1:])]
+        for name, value in zip(parts, (steps[0], steps[1], sum(steps[3::2]), sum(steps[2::2]))):
+            parts[name].append(value)
 
     out: dict[str, list[float]] = {"load_s": [], "compute_s": [], "sequential_s": [], "pipelined_s": []}
     for i in range(bench.args.repeat + 1):  # the first round warms up and is not kept
@@ -223,6 +235,8 @@ def measure(bench: Bench, q: int) -> dict[str, float]:
     # The same figure per round (its four runs back to back), less exposed to drift between rounds.
     med["overlap_efficiency_paired"] = statistics.median(
         (s - p) / min(lo, c) for lo, c, s, p in zip(out["load_s"], out["compute_s"], out["sequential_s"], out["pipelined_s"]))
+    if bench.tdev.type == "cpu":  # rounds past the warm-up one, medians
+        med["pipelined_parts"] = {k: statistics.median(v[1:]) for k, v in parts.items()}
     med["load_per_layer_ms"] = 1e3 * med["load_s"] / L
     med["compute_per_layer_ms"] = 1e3 * med["compute_s"] / L
     return med
@@ -351,6 +365,15 @@ def table(result: dict[str, Any]) -> str:
         f"{'overlap efficiency':<24}{f['overlap_efficiency']:>12.2f}",
         f"{'  (median per round)':<24}{f['overlap_efficiency_paired']:>12.2f}",
     ]
+    split = f.get("pipelined_parts")
+    if split:
+        lines += [
+            "pipelined, where it went:",
+            f"{'  start retrieve (ms)':<24}{1e3 * split['start_s']:>12.1f}",
+            f"{'  wait for layer 0 (ms)':<24}{1e3 * split['first_wait_s']:>12.1f}",
+            f"{'  later waits (ms)':<24}{1e3 * split['later_waits_s']:>12.1f}",
+            f"{'  compute (ms)':<24}{1e3 * split['compute_s']:>12.1f}",
+        ]
     for bw in result.get("bandwidth", []):
         lines.append(
             f"{int(bw['bytes']) >> 20:>4} MiB  H2D staging {bw['h2d_staging_GBps']:.1f} GB/s vs pinned copy_ "

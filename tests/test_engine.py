@@ -13,6 +13,7 @@ import pytest
 from streamkv.config import StreamKVConfig
 from streamkv.engine import StreamKVEngine
 from streamkv.errors import ConfigError
+from streamkv.format import header_size
 from streamkv.keys import Namespace
 from streamkv.layout import KVLayout
 from streamkv.store import DiskStore, MemoryStore
@@ -230,10 +231,13 @@ def test_retrieve_asks_the_disk_to_read_ahead_layer_by_layer(tmp_path: Path) -> 
     hit, layers = streamed(engine, tokens)
     assert hit == 48 and layers is not None
     sizes = [disk._index[k] for k in keys]
-    # every section of every chunk, layer 0 of all chunks first: the order the forward consumes
-    assert [k for k, _ in disk.hints] == keys * LAYOUT.num_layers
-    assert all(0 < off and off + n <= sizes[i % len(keys)] for i, (_, (off, n)) in enumerate(disk.hints))
-    per_chunk = [[r for k, r in disk.hints if k == key] for key in keys]
+    # first, before the headers are read: each chunk's header and layer 0 in one range
+    first, sections = disk.hints[: len(keys)], disk.hints[len(keys) :]
+    assert first == [(k, (0, header_size(LAYOUT.num_layers) + LAYOUT.section_bytes)) for k in keys]
+    # then every section of every chunk, layer 0 of all chunks first: the order the forward consumes
+    assert [k for k, _ in sections] == keys * LAYOUT.num_layers
+    assert all(0 < off and off + n <= sizes[i % len(keys)] for i, (_, (off, n)) in enumerate(sections))
+    per_chunk = [[r for k, r in sections if k == key] for key in keys]
     assert all(rs == sorted(rs) and len(rs) == LAYOUT.num_layers for rs in per_chunk)
     engine.close()
 
@@ -276,10 +280,10 @@ def test_read_ahead_hints_run_a_window_ahead_of_the_consumer(tmp_path: Path) -> 
         handle = engine.retrieve(tokens)
         assert handle.wait(0)
         time.sleep(0.3)  # the producer goes as far as it may
-        hinted = sorted({(k, r) for k, r in disk.hints})
+        hinted = sorted({(k, r) for k, r in disk.hints[2:]})  # past the header + layer 0 hints
         assert 2 * 2 <= len(hinted) <= 4 * 2  # layers 0-1 at least, 0-3 at most, of 2 chunks
         assert all(handle.wait(layer) for layer in range(12))
-        assert [k for k, _ in disk.hints] == keys * 12  # in the end every section, layer-major
+        assert [k for k, _ in disk.hints[2:]] == keys * 12  # in the end every section, layer-major
 
 
 # -- key-level objects straight from / into the caller's memory (write_chunks_from, read_chunks_into) --

@@ -1,7 +1,8 @@
 """The producer of a layer-wise retrieve, running on the runtime's loop.
 
 First it reads and verifies every chunk's header (one small ranged read per
-chunk, concurrently): the hit is the run of chunks with valid headers. Then it
+chunk, concurrently; tiers that read ahead are first told of every chunk's header
+and layer 0 together): the hit is the run of chunks with valid headers. Then it
 fetches layer by layer, each layer's sections from all chunks concurrently, at
 most ``max_inflight`` layers ahead of the consumer (backpressure: a layer's
 slot frees when the consumer has waited for it). Checksums are verified and
@@ -76,6 +77,8 @@ class LayerwiseProducer:
 
     async def _read_headers(self) -> None:
         size = header_size(self.layout.num_layers)
+        if self.store.prefetches():
+            await self._hint_first_layer(size)
         raw = await gather([lambda k=k: self.store.get_ranges(k, [(0, size)]) for k in self.keys])
         in_place = reads_in_place(self.store)
         hit = 0
@@ -98,6 +101,15 @@ class LayerwiseProducer:
             hit += 1
         self.sink.begin(hit)
         self.handle.set_hit(hit)
+
+    async def _hint_first_layer(self, size: int) -> None:
+        """Ask for every chunk's header and layer 0 in one hint, before reading the headers:
+        layer 0's reads then start with the headers' instead of after them (a raw chunk's layer
+        0 follows its header; for a compressed one the hint covers less of it, no harm)."""
+        try:
+            await self.store.prefetch([(k, (0, size + self.layout.section_bytes)) for k in self.keys])
+        except Exception as exc:  # only a hint
+            log.debug("prefetch failed", error=repr(exc))
 
     async def _prefetch(self, first: int, last: int) -> None:
         """Tell the tiers which sections come next, layers ``first`` to ``last - 1``, in order."""
