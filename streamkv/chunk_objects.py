@@ -48,6 +48,8 @@ log = structlog.get_logger(__name__)
 _RECYCLE_BYTES = 320 << 20
 # Bytes of objects one write wave encodes (two waves are in memory at most: one being put).
 _WAVE_BYTES = 64 << 20
+# Cold local reads of objects this large get more lanes than CPUs (ChunkObjects._read_lanes).
+COLD_LANES_BYTES = 4 << 20
 # compression "auto": once this many probes in a row found lz4 not worth it, probe only one
 # object in PROBE_EVERY (the rest are stored raw) until a probe finds it worth it again.
 PROBE_STREAK = 8
@@ -266,7 +268,7 @@ class ChunkObjects:
                 tg.start_soon(lane)
 
         async with anyio.create_task_group() as tg:
-            lanes = min(self.limits.codec, _usable_cpus(), len(local))
+            lanes = self._read_lanes(keys[local[0][0]] if local else None, len(local))
             for k in range(lanes):  # interleaved shares: with prefix, few objects wait for earlier ones
                 tg.start_soon(reading_lane, local[k::lanes])
             for i in range(n):
@@ -279,6 +281,19 @@ class ChunkObjects:
                 self._count("retrieve_errors")
                 log.error("chunk read failed; miss", key=keys[i], error=repr(exc))
         return gate.results()
+
+    def _read_lanes(self, first_key: str | None, objects: int) -> int:
+        """Lanes for ``objects`` local reads: no more than usable CPUs, the lanes are busy
+        verifying and copying. Objects of ``COLD_LANES_BYTES`` and more that would come from
+        the device (asked of the first one: a batch is written, and goes cold, together) keep a
+        lane waiting on each read: then twice as many, so that the device always has reads in
+        flight (measured on the development VM, cold 8-34 MB SGLang pages, 2 CPUs: 4 lanes read
+        0-22% faster than 2 in 11 of 12 paired runs; warm, 4 lanes were up to 17% slower, and
+        cold 1.5 MB pages slower too)."""
+        lanes = min(self.limits.codec, _usable_cpus())
+        if first_key is not None and self.layout.chunk_bytes >= COLD_LANES_BYTES and self.store.cold_now(first_key):
+            lanes = min(self.limits.codec, 2 * _usable_cpus())
+        return min(lanes, objects)
 
     def _mapped_reads(self) -> bool:
         """Read objects in place (``store/in_place.py``) rather than whole: where every tier

@@ -208,3 +208,53 @@ def test_a_pooled_buffer_is_lent_once_until_dropped(huge: bool) -> None:
     again = [pool.take(70_001, huge=huge) for _ in range(2)]  # both back in the pool, lent again
     assert sorted(x.ctypes.data for x in again) == sorted([first, third]) and pool.created == 3
     assert all(x.ctypes.data % 4096 == 0 for x in again + [b])
+
+
+def test_cold_now_says_whether_a_read_would_wait_for_the_device(cold_store: DiskStore, tmp_path: Path) -> None:
+    from streamkv.store import MemoryStore, TieredStore
+
+    async def go() -> None:
+        data = os.urandom(SIZE)
+        assert await cold_store.put(key(1), data)
+        path = cold_store._path(key(1))
+        _drop(path)
+        assert cold_store.cold_now(key(1))
+        path.read_bytes()  # now in the page cache
+        assert not cold_store.cold_now(key(1))
+        assert not cold_store.cold_now(key(2))  # not there: nothing to wait for
+        _drop(path)
+        mem = MemoryStore(1 << 24)
+        tiered = TieredStore([mem, cold_store])
+        assert tiered.cold_now(key(1))  # only the disk tier holds it, cold
+        assert await mem.put(key(1), data)
+        assert not tiered.cold_now(key(1)) and not mem.cold_now(key(1))  # memory answers first
+    run(go)
+
+
+@pytest.mark.parametrize("chunk_size, cold, lanes", [(64, True, 4), (64, False, 2), (8, True, 2)],
+                         ids=["large-cold", "large-warm", "small-cold"])
+def test_cold_large_objects_are_read_on_more_lanes_than_cpus(cold_store: DiskStore, monkeypatch: pytest.MonkeyPatch,
+                                                           chunk_size: int, cold: bool, lanes: int) -> None:
+    """On 2 CPUs, with the default 4 codec lanes: large objects (``COLD_LANES_BYTES``) that
+    would come from the device get 4 reading lanes, warm or small ones 2 (one per CPU)."""
+    from streamkv import chunk_objects
+    from streamkv.chunk_objects import ChunkObjects
+    from streamkv.keys import Namespace
+    from streamkv.layout import KVLayout
+    from streamkv.store.limits import Limits
+
+    monkeypatch.setattr(chunk_objects, "_usable_cpus", lambda: 2)
+    layout = KVLayout(num_layers=32, num_kv_heads=8, head_size=128, dtype="bfloat16", chunk_size=chunk_size)
+    assert (layout.chunk_bytes >= chunk_objects.COLD_LANES_BYTES) == (chunk_size == 64)
+    objects = ChunkObjects(cold_store, layout, Namespace("m", layout), Limits(codec=4), "off", {})
+
+    async def go() -> None:
+        assert await cold_store.put(key(1), os.urandom(SIZE))
+        path = cold_store._path(key(1))
+        _drop(path)
+        if not cold:
+            path.read_bytes()
+        assert objects._read_lanes(key(1), 100) == lanes
+        assert objects._read_lanes(key(1), 1) == 1  # never more lanes than objects
+        assert objects._read_lanes(None, 0) == 0
+    run(go)

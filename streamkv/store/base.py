@@ -116,6 +116,12 @@ class Store(ABC):
         Loop thread only: the tier's own bookkeeping (LRU order, counters) happens here."""
         return None
 
+    def cold_now(self, key: str) -> bool:
+        """Reading ``key`` here would wait for a device (a disk tier's file the page cache does
+        not hold), as far as this process can tell cheaply; False where it cannot tell. Readers
+        use it to keep more reads in flight when they would otherwise mostly wait."""
+        return False
+
     async def prefetch(self, requests: Sequence[tuple[str, ByteRange]]) -> None:
         """A hint: these ranges will be read soon, in this order. A tier that can start the
         I/O early (the disk tier asks the kernel to read ahead) does; the default does nothing."""

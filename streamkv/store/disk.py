@@ -9,6 +9,7 @@ read, or none where the object's mapping is already in hand (``store/in_place.py
 
 from __future__ import annotations
 
+import mmap
 import os
 import uuid
 from collections import OrderedDict
@@ -21,7 +22,7 @@ import structlog
 
 from streamkv.errors import ConfigError
 from streamkv.store.base import Buffer, ByteRange, Store, check_key
-from streamkv.store.direct_io import O_DIRECT, AlignedBuffers, DirectIOUnsupported, read_ranges_direct
+from streamkv.store.direct_io import O_DIRECT, AlignedBuffers, DirectIOUnsupported, cached_pages, read_ranges_direct
 from streamkv.store.disk_read import Take, advise, map_ranges, new_buffer, read_ranges, read_whole
 from streamkv.store.disk_write import DIRECT_MIN_BYTES, TMP_PREFIX, unlink_quietly, write_atomic
 from streamkv.store.limits import Limits
@@ -288,6 +289,21 @@ class DiskStore(Store):
 
     async def exists(self, key: str) -> bool:
         return self._known(key)
+
+    def cold_now(self, key: str) -> bool:
+        """The page cache holds less than half of ``key``'s file (one ``cachestat`` call, Linux
+        6.5+; False where the kernel cannot tell or the file is not there)."""
+        if key not in self._index:
+            return False
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            seen = cached_pages(fd)
+        finally:
+            os.close(fd)
+        return seen is not None and seen[0] * mmap.PAGESIZE < self._index[key] // 2
 
     def exists_now(self, key: str) -> bool:
         """``exists`` without indexing a file another process wrote (that is the loop's to do,

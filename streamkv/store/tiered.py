@@ -142,6 +142,13 @@ class TieredStore(Store):
             return partial(self._read_and_promote, read, key, i)
         return None
 
+    def cold_now(self, key: str) -> bool:
+        """Whether the fastest tier that holds ``key`` would read it from a device."""
+        for tier in self.tiers:
+            if tier.exists_now(key):
+                return tier.cold_now(key)
+        return False
+
     def _read_and_promote(self, read: Callable[[], Buffer | None], key: str, source: int) -> Buffer | None:
         data = read()
         if data is not None:
