@@ -11,6 +11,7 @@ miss, never an error. The engine wraps these calls with its runtime and telemetr
 from __future__ import annotations
 
 import os
+from collections import deque
 from typing import Any
 
 import anyio
@@ -251,7 +252,9 @@ class ChunkObjects:
         async def lane() -> None:
             await anyio.to_thread.run_sync(gate.drain, self._verified_sections, self._copy_sections, limiter=codec)
 
-        async def reading_lane(jobs: list[tuple[int, Any, np.ndarray]]) -> None:
+        jobs = deque(local)
+
+        async def reading_lane() -> None:
             await anyio.to_thread.run_sync(gate.read, jobs, self._verified_sections, self._copy_sections,
                                            limiter=codec)
 
@@ -269,8 +272,8 @@ class ChunkObjects:
 
         async with anyio.create_task_group() as tg:
             lanes = self._read_lanes(keys[local[0][0]] if local else None, len(local))
-            for k in range(lanes):  # interleaved shares: with prefix, few objects wait for earlier ones
-                tg.start_soon(reading_lane, local[k::lanes])
+            for _ in range(lanes):
+                tg.start_soon(reading_lane)
             for i in range(n):
                 if readers[i] is None:
                     tg.start_soon(fetch, i, tg)

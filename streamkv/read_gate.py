@@ -61,10 +61,16 @@ class ReadGate:
                 i, box, targets = self.waiting.popleft()
             self._take(i, box, targets, verify, copy)
 
-    def read(self, jobs: list[tuple[int, Any, np.ndarray]], verify: Any, copy: Any) -> None:
-        """One lane (a worker thread) that reads its objects too: ``(i, reader, targets)`` in
-        order, each read, verified and copied here (objects after a miss are not read)."""
-        for i, reader, targets in jobs:
+    def read(self, jobs: deque[tuple[int, Any, np.ndarray]], verify: Any, copy: Any) -> None:
+        """One lane (a worker thread) that reads objects too: it takes the next ``(i, reader,
+        targets)`` from ``jobs``, shared by every reading lane (in order, so few objects wait
+        for an earlier one, and no lane idles while another still has a share to do), and reads,
+        verifies and copies it here, until ``jobs`` is empty (objects after a miss are not read)."""
+        while True:
+            try:
+                i, reader, targets = jobs.popleft()  # atomic: lanes never take the same job
+            except IndexError:
+                return
             if self.hopeless(i):
                 continue
             try:
