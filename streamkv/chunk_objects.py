@@ -232,7 +232,9 @@ class ChunkObjects:
         worker "lanes", one thread hop per lane: on 2 cores a hop through the loop per small
         object cost more than reading, verifying and copying it. No more lanes than usable
         CPUs: with ``prefix``, a lane descheduled while it holds the next object in order
-        holds up every copy after it (4 lanes on 2 cores read SmolLM2 pages 2x slower than 2).
+        holds up every copy after it (4 lanes on 2 cores read SmolLM2 pages 2x slower than 2);
+        except for large objects coming from the device (``_read_lanes``). Lanes take objects
+        from one queue, in order.
         Others (S3, the daemon) are fetched concurrently and verified on lanes that take them
         as they arrive."""
         n = len(keys)
