@@ -35,6 +35,7 @@ from streamkv.adapters.vllm.paged_layout import (
     layer_pages,
     slots_for_tokens,
 )
+from streamkv.adapters.vllm.promotion import PromoteAfterLoad
 from streamkv.adapters.vllm.sink import PagedSink
 from streamkv.adapters.vllm.stats import StepStats
 
@@ -67,10 +68,11 @@ class WorkerSide:
                  block_size: int, tp_rank: int, num_blocks: int | None = None, *,
                  promote_after_load: bool = False) -> None:
         self.engine = engine
+        self.stats = StepStats()
         # Copy loaded objects up into the faster tiers once their load is over (the engine's
-        # store is then built with promote_on_hit off): see _promote_loaded.
+        # store is then built with promote_on_hit off): promotion.py says why.
         self.promote_after_load = promote_after_load
-        self._promoting: set[str] = set()
+        self.promote = PromoteAfterLoad(engine, self.stats, promote_after_load)
         self.layout: KVLayout = engine.layout
         self.layer_index = {name: i for i, name in enumerate(layer_names)}
         self.layer_names = layer_names
@@ -96,8 +98,6 @@ class WorkerSide:
         self._saved_keys: set[str] = set()
         self._failed_keys: set[str] = set()
         self._pending: dict[str, Future[int]] = {}  # key -> write under way
-        self._promotions: list[Future[None]] = []
-        self.stats = StepStats()
 
     def _pin_engine_threads(self) -> None:
         """Move the engine's loop thread (and so every I/O and codec thread it starts)."""
@@ -192,55 +192,7 @@ class WorkerSide:
         self.stats.record_load(valid_end - spec.start, load.sink.bytes_written,
                                time.perf_counter() - load.started)
         intact = max(0, -(-(valid_end - spec.first_chunk * C) // C))
-        self._promote_loaded(spec.rank_keys[self.tp_rank][:intact])
-
-    def _promote_loaded(self, keys: list[str]) -> None:
-        """Copy objects a load found only in a slower tier into the faster ones, in the background.
-
-        Why not the store's own promote-on-hit: it starts copying whole objects at the first
-        section read, so on a small CPU the copies compete with the very sections the forward
-        is waiting for (a fresh-engine disk hit at 2k tokens waited ~3x longer for its layers).
-        Here the copy starts after the load has delivered every layer, one object at a time."""
-        tiers = list(getattr(self.engine.store, "tiers", ()))
-        if not self.promote_after_load or len(tiers) < 2 or not keys:
-            return
-        with self._lock:
-            keys = [k for k in keys if k not in self._promoting]
-            self._promoting.update(keys)
-        if not keys:
-            return
-
-        async def promote() -> None:
-            try:
-                todo = list(keys)
-                for i, tier in enumerate(tiers):
-                    if not todo:
-                        break
-                    found = await tier.exists_many(todo)
-                    held = [k for k, f in zip(todo, found) if f]
-                    todo = [k for k, f in zip(todo, found) if not f]
-                    if i == 0:
-                        continue
-                    for key in held:
-                        data = await tier.get(key)
-                        if data is None:
-                            continue
-                        for upper in tiers[:i]:
-                            await upper.put(key, data)
-                        self.stats.record_promotion(len(memoryview(data).cast("B")))
-            except Exception as exc:  # a failed copy up only means the next hit reads lower
-                log.warning("promotion after load failed", error=repr(exc))
-            finally:
-                with self._lock:
-                    self._promoting.difference_update(keys)
-
-        try:
-            future = self.engine.runtime.submit(promote)
-            self._promotions = [f for f in self._promotions if not f.done()] + [future]
-        except Exception as exc:
-            log.warning("promotion after load not started", error=repr(exc))
-            with self._lock:
-                self._promoting.difference_update(keys)
+        self.promote(spec.rank_keys[self.tp_rank][:intact])
 
     def _fail_whole(self, spec: LoadSpec, why: str) -> None:
         self._load_errors.update(blocks_for_tokens(spec.block_ids, self.block_size, spec.start, spec.end))
@@ -396,8 +348,7 @@ class WorkerSide:
         """Wait until every handed-over save reached every tier, and every promotion is done."""
         with self._lock:
             pending = list({id(f): f for f in self._pending.values()}.values())
-        promotions, self._promotions = self._promotions, []
-        for f in pending + promotions:
+        for f in pending + self.promote.take_futures():
             try:
                 f.result(timeout=timeout)
             except Exception:  # failures are reported through worker metadata
