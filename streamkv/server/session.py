@@ -8,19 +8,17 @@ connection with a logged error; the daemon keeps serving everyone else."""
 
 from __future__ import annotations
 
-import hmac
 import os
-import socket
-import struct
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import anyio
 import numpy as np
 import structlog
-from anyio.abc import SocketAttribute, SocketStream
+from anyio.abc import SocketStream
 from opentelemetry import context as otel_context
 
 from streamkv import control
+from streamkv.server.admission import refusal
 from streamkv.server.protocol import PROTOCOL_VERSION, MAX_FRAME, FrameReader, PeerClosed, ProtocolError, field, pack
 from streamkv.server.shm import Region
 from streamkv.server.leases import ShmMemoryStore
@@ -38,18 +36,6 @@ STAGING_BYTES = 4 << 20
 MAX_REQUEST_BYTES = 1 << 30
 MAX_STAGING_BYTES = 256 << 20  # a get reply larger than this comes back in several requests
 MAX_PENDING_BYTES = 1 << 30  # allocated for puts by reference and not yet committed, per connection
-
-
-def peer_uid(stream: SocketStream) -> int | None:
-    """The uid of a Unix-socket peer (Linux SO_PEERCRED), None elsewhere."""
-    try:
-        sock = stream.extra(SocketAttribute.raw_socket)
-        if sock.family != socket.AF_UNIX or not hasattr(socket, "SO_PEERCRED"):
-            return None
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", raw)[1]
-    except Exception:
-        return None
 
 
 TRACE_FIELDS = ("traceparent", "tracestate")
@@ -110,24 +96,11 @@ class Session:
                 await self.stream.aclose()
 
     async def _hello(self, hello: dict[str, Any]) -> bool:
-        counters = self.daemon.counters
-        if hello.get("op") != "hello" or hello.get("version") != PROTOCOL_VERSION:
-            raise ProtocolError(f"expected hello version {PROTOCOL_VERSION}, got op={hello.get('op')!r}")
-        if self.transport == "unix":
-            uid = peer_uid(self.stream)
-            if uid is not None and uid not in (os.getuid(), 0):
-                counters["auth_failures"] += 1
-                log.error("unix peer of another user refused", uid=uid)
-                await self.stream.send(pack({"id": hello.get("id"), "ok": False, "error": "refused"}))
-                return False
-        token = self.daemon.config.token
-        if self.transport == "tcp":  # the Unix socket is guarded by its mode and peer uid
-            given = hello.get("token")
-            if not token or not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode()):
-                counters["auth_failures"] += 1
-                log.error("wrong or missing token; connection refused", transport=self.transport)
-                await self.stream.send(pack({"id": hello.get("id"), "ok": False, "error": "bad token"}))
-                return False
+        why = refusal(hello, self.transport, self.stream, self.daemon.config.token)
+        if why is not None:
+            self.daemon.counters["auth_failures"] += 1
+            await self.stream.send(pack({"id": hello.get("id"), "ok": False, "error": why}))
+            return False
         self.staging = self.daemon.shm.alloc(STAGING_BYTES)
         await self.stream.send(pack({
             "id": hello.get("id"), "ok": True, "version": PROTOCOL_VERSION, "pid": os.getpid(),
