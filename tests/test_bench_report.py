@@ -88,3 +88,20 @@ def test_bench_e2e_replays_a_trace_into_json_and_pngs(tmp_path: Path, capsys: py
     assert json.loads((report / "results.json").read_text())["summary"] == summary
     spans = [json.loads(line) for line in (report / "spans.jsonl").read_text().splitlines()]
     assert sum(s["name"] == "streamkv.retrieve.layer" for s in spans) == 30  # SmolLM2's layers, one hit
+
+
+def test_bench_pipeline_on_the_cpu_reports_where_the_pipelined_time_went(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A small real run (4 Llama layers with random weights, 512 tokens from a cold disk tier): the
+    pipelined runs passed their byte check (the benchmark raises otherwise), and the split of the
+    pipelined time adds up to no more than the pipelined run it comes from."""
+    out = tmp_path / "pipeline.json"
+    cli_main(["bench", "pipeline", "--device", "cpu", "--tier", "disk", "--threads", "1", "--layers", "4",
+              "--tokens", "512", "--q-tokens", "16", "--repeat", "2", "--json", str(out)])
+    assert "pipelined, where it went" in capsys.readouterr().out
+    figures = json.loads(out.read_text())["figures"]
+    parts = figures["pipelined_parts"]
+    assert set(parts) == {"start_s", "first_wait_s", "later_waits_s", "compute_s"}
+    assert all(v >= 0 for v in parts.values()) and parts["compute_s"] > 0
+    # two kept rounds: each part is the mean of its two, so their sum is the mean of the rounds' sums
+    assert sum(parts.values()) <= max(figures["samples"]["pipelined_s"]) * 1.001
