@@ -71,7 +71,6 @@ class WorkerSide:
         self.stats = StepStats()
         # Copy loaded objects up into the faster tiers once their load is over (the engine's
         # store is then built with promote_on_hit off): promotion.py says why.
-        self.promote_after_load = promote_after_load
         self.promote = PromoteAfterLoad(engine, self.stats, promote_after_load)
         self.layout: KVLayout = engine.layout
         self.layer_index = {name: i for i, name in enumerate(layer_names)}
@@ -98,6 +97,10 @@ class WorkerSide:
         self._saved_keys: set[str] = set()
         self._failed_keys: set[str] = set()
         self._pending: dict[str, Future[int]] = {}  # key -> write under way
+
+    @property
+    def promote_after_load(self) -> bool:
+        return self.promote.enabled
 
     def _pin_engine_threads(self) -> None:
         """Move the engine's loop thread (and so every I/O and codec thread it starts)."""

@@ -106,19 +106,18 @@ class LayerwiseProducer:
         """Ask for every chunk's header and layer 0 in one hint, before reading the headers:
         layer 0's reads then start with the headers' instead of after them (a raw chunk's layer
         0 follows its header; for a compressed one the hint covers less of it, no harm)."""
-        try:
-            await self.store.prefetch([(k, (0, size + self.layout.section_bytes)) for k in self.keys])
-        except Exception as exc:  # only a hint
-            log.debug("prefetch failed", error=repr(exc))
+        await self._hint([(k, (0, size + self.layout.section_bytes)) for k in self.keys])
 
     async def _prefetch(self, first: int, last: int) -> None:
         """Tell the tiers which sections come next, layers ``first`` to ``last - 1``, in order."""
         order = [(self.keys[c], h.section_range(layer))
                  for layer in range(first, min(last, self.layout.num_layers)) for c, h in enumerate(self.headers)]
-        if not order:
-            return
+        if order:
+            await self._hint(order)
+
+    async def _hint(self, requests: list[tuple[str, tuple[int, int]]]) -> None:
         try:
-            await self.store.prefetch(order)
+            await self.store.prefetch(requests)
         except Exception as exc:  # only a hint
             log.debug("prefetch failed", error=repr(exc))
 

@@ -9,7 +9,6 @@ read, or none where the object's mapping is already in hand (``store/in_place.py
 
 from __future__ import annotations
 
-import mmap
 import os
 import uuid
 from collections import OrderedDict
@@ -22,8 +21,8 @@ import structlog
 
 from streamkv.errors import ConfigError
 from streamkv.store.base import Buffer, ByteRange, Store, check_key
-from streamkv.store.direct_io import O_DIRECT, AlignedBuffers, DirectIOUnsupported, cached_pages, read_ranges_direct
-from streamkv.store.disk_read import Take, advise, map_ranges, new_buffer, read_ranges, read_whole
+from streamkv.store.direct_io import O_DIRECT, AlignedBuffers, DirectIOUnsupported, read_ranges_direct
+from streamkv.store.disk_read import Take, advise, is_cold, map_ranges, new_buffer, read_ranges, read_whole
 from streamkv.store.disk_write import DIRECT_MIN_BYTES, TMP_PREFIX, unlink_quietly, write_atomic
 from streamkv.store.limits import Limits
 
@@ -291,8 +290,9 @@ class DiskStore(Store):
         return self._known(key)
 
     def cold_now(self, key: str) -> bool:
-        """The page cache holds less than half of ``key``'s file (one ``cachestat`` call, Linux
-        6.5+; False where the kernel cannot tell or the file is not there)."""
+        """A whole read of ``key`` would go to the device: ``disk_read.is_cold``, the rule
+        ``read_whole`` follows (one ``cachestat`` call, Linux 6.5+; False where the kernel
+        cannot tell or the file is not there)."""
         if key not in self._index:
             return False
         try:
@@ -300,10 +300,9 @@ class DiskStore(Store):
         except OSError:
             return False
         try:
-            seen = cached_pages(fd)
+            return is_cold(fd, self._index[key])
         finally:
             os.close(fd)
-        return seen is not None and seen[0] * mmap.PAGESIZE < self._index[key] // 2
 
     def exists_now(self, key: str) -> bool:
         """``exists`` without indexing a file another process wrote (that is the loop's to do,

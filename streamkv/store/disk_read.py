@@ -29,7 +29,7 @@ def new_buffer(size: int) -> np.ndarray:
     return np.empty(size, dtype=np.uint8)
 
 
-def _cold(fd: int, size: int) -> bool:
+def is_cold(fd: int, size: int) -> bool:
     """The page cache holds less than half of the file and at most one page of it is dirty (the
     disk tier writes an object's last partial block through the page cache: an O_DIRECT read
     writes that page back first). Where the kernel cannot tell, False: read through the page
@@ -52,7 +52,7 @@ def read_whole(path: Path, take: Take = new_buffer, direct: Take | None = None,
         return None
     try:
         size = os.fstat(fd).st_size
-        if direct is not None and size >= DIRECT_WHOLE_BYTES and _cold(fd, size):
+        if direct is not None and size >= DIRECT_WHOLE_BYTES and is_cold(fd, size):
             return read_whole_direct(fd, size, direct)
         if map_warm:
             return _map(fd, size, [(0, size)])[0] if size else None
