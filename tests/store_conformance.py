@@ -79,6 +79,30 @@ class StoreConformance:
             assert [bytes(p) for p in parts] == [data[:10], data[100:150], data[4000:]]
         run(go)
 
+    def test_ranges_of_many_objects_are_each_objects_ranges(self, store: Store) -> None:
+        """``get_ranges_many`` answers in order what ``get_ranges`` answers per object: a missing
+        object or a range past an object's end is None for that object only."""
+        async def go() -> None:
+            blobs = {i: os.urandom(3000 + 7 * i) for i in range(30, 36)}
+            for i, data in blobs.items():
+                await store.put(key(i), data)
+            requests = [(key(i), [(0, 16), (len(data) - 9, 9)]) for i, data in blobs.items()]
+            requests.insert(2, (key(899), [(0, 4)]))
+            requests.insert(4, (key(31), [(0, 5000)]))  # past its end
+            hits = store.counters.hits
+            got = await store.get_ranges_many(requests)
+            assert len(got) == len(requests)
+            for (k, ranges), parts in zip(requests, got):
+                assert (parts is None) == (await store.get_ranges(k, ranges) is None)
+                if parts is not None:
+                    data = blobs[int(k.rsplit("/", 1)[1], 16)]
+                    assert [bytes(p) for p in parts] == [data[o : o + n] for o, n in ranges]
+            assert [p is None for p in got].count(True) == 2
+            assert store.counters.hits - hits >= 6
+            [one] = await store.get_ranges_many([(key(30), [(0, 3)])])
+            assert [bytes(p) for p in one] == [blobs[30][:3]]
+        run(go)
+
     def test_overwrite_replaces(self, store: Store) -> None:
         async def go() -> None:
             await store.put(key(3), b"a" * 100)

@@ -17,6 +17,7 @@ from streamkv.format import header_size
 from streamkv.keys import Namespace
 from streamkv.layout import KVLayout
 from streamkv.store import DiskStore, MemoryStore
+from streamkv.store.disk import drop_page_cache
 from tests.engine_helpers import LAYOUT, make_engine, random_kv, source_of, streamed
 
 C = LAYOUT.chunk_size
@@ -228,6 +229,7 @@ def test_retrieve_asks_the_disk_to_read_ahead_layer_by_layer(tmp_path: Path) -> 
     kv = random_kv(48)
     assert engine.store_kv(tokens, source_of(kv)).result(30) == 3
     keys = engine.keys(tokens)
+    drop_page_cache(disk.root)  # hints are for objects the page cache does not hold
     hit, layers = streamed(engine, tokens)
     assert hit == 48 and layers is not None
     sizes = [disk._index[k] for k in keys]
@@ -240,6 +242,38 @@ def test_retrieve_asks_the_disk_to_read_ahead_layer_by_layer(tmp_path: Path) -> 
     per_chunk = [[r for k, r in sections if k == key] for key in keys]
     assert all(rs == sorted(rs) and len(rs) == LAYOUT.num_layers for rs in per_chunk)
     engine.close()
+
+
+def test_retrieve_of_objects_the_page_cache_holds_gives_no_read_ahead_hints(tmp_path: Path) -> None:
+    """Hinting pages already cached reads nothing and costs CPU every layer: a hit whose files
+    the page cache holds whole is read with no hints; once evicted, it is hinted again."""
+    from streamkv.store.direct_io import cached_pages
+    from tests.test_tiers import RecordingDisk
+
+    disk = RecordingDisk(tmp_path / "rec", 1 << 24)
+    with make_engine(tmp_path, tiers=[disk]) as engine:
+        tokens = np.arange(48)
+        kv = random_kv(48)
+        assert engine.store_kv(tokens, source_of(kv)).result(30) == 3
+        keys = engine.keys(tokens)
+        fd = os.open(disk._path(keys[0]), os.O_RDONLY)
+        try:
+            if cached_pages(fd) is None:
+                pytest.skip("this kernel cannot tell what the page cache holds (cachestat, Linux 6.5+)")
+        finally:
+            os.close(fd)
+        for path in disk.root.rglob("*"):  # read every file whole: the page cache holds them
+            if path.is_file():
+                path.read_bytes()
+        assert all(disk.warm_now(k) for k in keys) and not any(disk.cold_now(k) for k in keys)
+        hit, layers = streamed(engine, tokens)
+        assert hit == 48 and layers is not None
+        assert all(np.array_equal(layers[i][j], kv[i][j]) for i in range(LAYOUT.num_layers) for j in (0, 1))
+        assert disk.hints == []
+        drop_page_cache(disk.root)
+        assert not any(disk.warm_now(k) for k in keys)
+        hit, layers = streamed(engine, tokens)
+        assert hit == 48 and {k for k, _ in disk.hints} == set(keys)
 
 
 def test_close_cancels_a_retrieve_its_consumer_abandoned(tmp_path: Path) -> None:
@@ -277,6 +311,7 @@ def test_read_ahead_hints_run_a_window_ahead_of_the_consumer(tmp_path: Path) -> 
               for i in range(12)]
         assert engine.store_kv(tokens, lambda layer: kv[layer]).result(30) == 2
         keys = engine.keys(tokens)
+        drop_page_cache(disk.root)  # hints are for objects the page cache does not hold
         handle = engine.retrieve(tokens)
         assert handle.wait(0)
         time.sleep(0.3)  # the producer goes as far as it may
@@ -472,10 +507,10 @@ def test_reused_object_buffers_never_change_a_stored_object(tmp_path: Path, tier
 @pytest.mark.parametrize("direct_reads", [False, True], ids=["mmap", "direct"])
 def test_disk_sections_are_sliced_in_place_from_the_header_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  direct_reads: bool) -> None:
-    """Reading through mmap, a retrieve asks the disk once per chunk (its header) and slices every
-    section from that mapping: no call per section. O_DIRECT reads return pooled buffers that
-    hold only what was asked, so there every section is its own read. Bytes and the tier's
-    read counter are the same either way."""
+    """Reading through mmap, a retrieve asks the disk once for every chunk's header (one call,
+    one worker hop) and slices every section from those mappings: no call per section. O_DIRECT
+    reads return pooled buffers that hold only what was asked, so there every header and
+    section is its own read. Bytes and the tier's read counter are the same either way."""
     tokens = np.arange(48)
     kv = random_kv(48, seed=4)
     with make_engine(tmp_path, tiers=("disk",), disk_direct_reads=direct_reads) as engine:
@@ -488,14 +523,24 @@ def test_disk_sections_are_sliced_in_place_from_the_header_read(tmp_path: Path, 
             calls.append(key)
             return await inner(key, ranges)
 
+        batches: list[int] = []
+        inner_many = disk.get_ranges_many
+
+        async def counting_many(requests):  # type: ignore[no-untyped-def]
+            batches.append(len(requests))
+            return await inner_many(requests)
+
         monkeypatch.setattr(disk, "get_ranges", counting)
+        monkeypatch.setattr(disk, "get_ranges_many", counting_many)
         before = disk.counters.bytes_read
         hit, layers = streamed(engine, tokens)
         assert hit == 48 and layers is not None
         for layer in range(LAYOUT.num_layers):
             assert np.array_equal(layers[layer][0], kv[layer][0]) and np.array_equal(layers[layer][1], kv[layer][1])
         chunks = len(engine.keys(tokens))
-        assert len(calls) == (chunks * (1 + LAYOUT.num_layers) if direct_reads else chunks)
+        assert batches[0] == chunks  # the headers, asked together
+        assert batches[1:] == ([1] * chunks * LAYOUT.num_layers if direct_reads else [])
+        assert len(calls) == (chunks * (1 + LAYOUT.num_layers) if direct_reads else 0)
         from streamkv.format import header_size
         assert disk.counters.bytes_read - before == chunks * (header_size(LAYOUT.num_layers) + LAYOUT.chunk_bytes)
 

@@ -611,3 +611,58 @@ def test_which_stores_are_read_in_place(tmp_path: Path) -> None:
     assert whole_object(head, len(data) + 1) is None  # shorter than the header says: not whole
     [exact] = run(lambda: pread.get_ranges(key(1), [(0, 64)]))
     assert whole_object(exact, 64) is None
+
+
+def test_tiered_ranges_of_many_objects_come_from_each_ones_tier(tmp_path: Path) -> None:
+    """Objects split over the tiers: each comes from the first tier holding it, disk hits are
+    promoted, the misses count once; the disk tier maps all its objects in one worker hop."""
+    async def go() -> None:
+        mem, disk = MemoryStore(1 << 20), DiskStore(tmp_path, 1 << 20)
+        hops = []
+        run_on_worker = disk._run
+
+        async def counted(fn, *args):  # type: ignore[no-untyped-def]
+            hops.append(fn)
+            return await run_on_worker(fn, *args)
+
+        disk._run = counted  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tg:
+            tiered = TieredStore([mem, disk], background=tg)
+            for i in range(6):
+                await tiered.put(key(i), bytes([i]) * 500)
+            await tiered.flush()
+            for i in (1, 3, 4):
+                await mem.delete(key(i))
+            hops.clear()
+            got = await tiered.get_ranges_many([(key(i), [(10, 4)]) for i in range(8)])
+            assert [None if g is None else bytes(g[0]) for g in got] == [bytes([i]) * 4 for i in range(6)] + [None] * 2
+            assert len(hops) == 1  # keys 1, 3 and 4, mapped together
+            assert disk.counters.hits >= 3 and tiered.counters.misses == 2
+            await tiered.flush()
+            assert all([await mem.exists(key(i)) for i in (1, 3, 4)])  # promoted
+    run(go)
+
+
+def test_warm_now_answers_for_the_fastest_tier_holding_the_object(tmp_path: Path) -> None:
+    """Memory holds its objects in memory; the disk tier's answer is the page cache's, and a
+    tiered store asks the first tier holding the key (never one below it)."""
+    from streamkv.store.direct_io import cached_pages
+    from streamkv.store.disk import drop_page_cache
+
+    async def go() -> None:
+        mem, disk = MemoryStore(1 << 20), DiskStore(tmp_path, 1 << 20)
+        tiered = TieredStore([mem, disk])
+        await mem.put(key(1), b"m" * 5000)
+        await disk.put(key(2), b"d" * 50_000)
+        assert mem.warm_now(key(1)) and not mem.warm_now(key(2))
+        assert tiered.warm_now(key(1)) and not tiered.warm_now(key(3))
+        drop_page_cache(tmp_path)
+        assert not disk.warm_now(key(2)) and not tiered.warm_now(key(2))
+        fd = os.open(disk._path(key(2)), os.O_RDONLY)
+        try:
+            telling = cached_pages(fd) is not None
+        finally:
+            os.close(fd)
+        disk._path(key(2)).read_bytes()
+        assert disk.warm_now(key(2)) == telling == tiered.warm_now(key(2))
+    run(go)

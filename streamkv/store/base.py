@@ -122,12 +122,27 @@ class Store(ABC):
         use it to keep more reads in flight when they would otherwise mostly wait."""
         return False
 
+    def warm_now(self, key: str) -> bool:
+        """All of ``key`` is in this host's memory (the memory tier; a disk tier's file the page
+        cache holds whole), as far as this process can tell cheaply; False where it cannot tell.
+        Read-ahead hints skip such objects: hinting cached pages reads nothing and costs CPU."""
+        return False
+
     async def prefetch(self, requests: Sequence[tuple[str, ByteRange]]) -> None:
         """A hint: these ranges will be read soon, in this order. A tier that can start the
         I/O early (the disk tier asks the kernel to read ahead) does; the default does nothing."""
 
     def prefetches(self) -> bool:
         return type(self).prefetch is not Store.prefetch
+
+    async def get_ranges_many(self, requests: Sequence[tuple[str, Sequence[ByteRange]]]) -> list[list[Buffer] | None]:
+        """``get_ranges`` of several objects, results in order. The default runs them
+        concurrently; a tier whose reads cost less than a task and a thread hop each (mapping
+        local files) answers them all in one."""
+        if len(requests) == 1:
+            key, ranges = requests[0]
+            return [await self.get_ranges(key, ranges)]
+        return await gather([lambda k=k, r=r: self.get_ranges(k, r) for k, r in requests])
 
     async def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
         return await gather([lambda k=k: self.get(k) for k in keys])

@@ -22,7 +22,7 @@ import structlog
 from streamkv.errors import ConfigError
 from streamkv.store.base import Buffer, ByteRange, Store, check_key
 from streamkv.store.direct_io import O_DIRECT, AlignedBuffers, DirectIOUnsupported, read_ranges_direct
-from streamkv.store.disk_read import Take, advise, is_cold, map_ranges, new_buffer, read_ranges, read_whole
+from streamkv.store.disk_read import Take, advise, is_cold, is_warm, map_ranges, new_buffer, read_ranges, read_whole
 from streamkv.store.disk_write import DIRECT_MIN_BYTES, TMP_PREFIX, unlink_quietly, write_atomic
 from streamkv.store.limits import Limits
 
@@ -118,6 +118,20 @@ class DiskStore(Store):
         if not self.direct_reads:
             parts = await self._run(map_ranges if self.mmap_reads else read_ranges, self._path(key), list(ranges))
         return self._account(key, parts, None if parts is None else sum(len(p) for p in parts))
+
+    async def get_ranges_many(self, requests: Sequence[tuple[str, Sequence[ByteRange]]]) -> list[list[Buffer] | None]:
+        """Mapped reads of several objects in one worker-thread hop: mapping a file costs tens
+        of microseconds, a task and a hop per file several times that on a small CPU (a
+        layer-wise retrieve's 16 chunk headers: ~4.5 ms one by one, 0.3 ms of mapping)."""
+        if self.direct_reads or not self.mmap_reads or len(requests) < 2:
+            return await super().get_ranges_many(requests)
+        known = [(i, self._path(key), list(ranges)) for i, (key, ranges) in enumerate(requests) if self._known(key)]
+        mapped = await self._run(lambda: [map_ranges(path, ranges) for _, path, ranges in known])
+        out: list[list[Buffer] | None] = [None] * len(requests)
+        for (i, _, _), parts in zip(known, mapped):
+            out[i] = self._account(requests[i][0], parts, None if parts is None else sum(len(p) for p in parts))
+        self.counters.misses += len(requests) - len(known)
+        return out
 
     def reader_now(self, key: str) -> Callable[[], Buffer | None] | None:
         """Objects of ``MAPPED_WHOLE_BYTES`` and more are read as a view of a mapping of the
@@ -293,6 +307,13 @@ class DiskStore(Store):
         """A whole read of ``key`` would go to the device: ``disk_read.is_cold``, the rule
         ``read_whole`` follows (one ``cachestat`` call, Linux 6.5+; False where the kernel
         cannot tell or the file is not there)."""
+        return self._page_cache_says(key, is_cold)
+
+    def warm_now(self, key: str) -> bool:
+        """The page cache holds all of ``key``'s file (``disk_read.is_warm``)."""
+        return self._page_cache_says(key, is_warm)
+
+    def _page_cache_says(self, key: str, rule: Callable[[int, int], bool]) -> bool:
         if key not in self._index:
             return False
         try:
@@ -300,7 +321,7 @@ class DiskStore(Store):
         except OSError:
             return False
         try:
-            return is_cold(fd, self._index[key])
+            return rule(fd, self._index[key])
         finally:
             os.close(fd)
 

@@ -41,6 +41,12 @@ def is_cold(fd: int, size: int) -> bool:
     return dirty <= 1 and cached * mmap.PAGESIZE < size // 2
 
 
+def is_warm(fd: int, size: int) -> bool:
+    """The page cache holds every page of the file; False where the kernel cannot tell."""
+    seen = cached_pages(fd)
+    return seen is not None and seen[0] * mmap.PAGESIZE >= size
+
+
 def read_whole(path: Path, take: Take = new_buffer, direct: Take | None = None,
                map_warm: bool = False) -> np.ndarray | memoryview | None:
     """The whole file, in a buffer from ``take``. Where ``direct`` is given and the file is a

@@ -72,6 +72,9 @@ class MemoryStore(Store):
         view = self.get_now(key) if key in self._objects else None
         return None if view is None else (lambda: view)
 
+    def warm_now(self, key: str) -> bool:
+        return key in self._objects
+
     async def get_ranges(self, key: str, ranges: Sequence[ByteRange]) -> list[Buffer] | None:
         buf = self._objects.get(key)
         if buf is None or any(off < 0 or off + n > buf.nbytes for off, n in ranges):

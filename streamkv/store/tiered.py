@@ -149,6 +149,13 @@ class TieredStore(Store):
                 return tier.cold_now(key)
         return False
 
+    def warm_now(self, key: str) -> bool:
+        """Whether the fastest tier that holds ``key`` holds it in memory."""
+        for tier in self.tiers:
+            if tier.exists_now(key):
+                return tier.warm_now(key)
+        return False
+
     def _read_and_promote(self, read: Callable[[], Buffer | None], key: str, source: int) -> Buffer | None:
         data = read()
         if data is not None:
@@ -156,25 +163,40 @@ class TieredStore(Store):
         return data
 
     async def get_ranges(self, key: str, ranges: Sequence[ByteRange]) -> list[Buffer] | None:
-        span = self.telemetry.tier_span("get", key)
-        for i, tier in enumerate(self.tiers):
-            parts = await tier.get_ranges(key, ranges)
-            if parts is not None:
-                self.counters.hits += 1
-                if span is not None:
-                    self.telemetry.end_tier_span(span, tier.name, sum(n for _, n in ranges), "hit")
-                if self.promote and i > 0 and self.background is not None:
-                    self._spawn("promote", self._promote_from, key, i)
-                return parts
-        moving = self._moving.get(key)
-        if moving is not None and all(0 <= off and off + n <= len(moving) for off, n in ranges):
-            self.counters.hits += 1
-            self.telemetry.end_tier_span(span, "moving", sum(n for _, n in ranges), "hit")
-            view = memoryview(moving)
-            return [view[off : off + n] for off, n in ranges]
-        self.counters.misses += 1
-        self.telemetry.end_tier_span(span, None, 0, "miss")
-        return None
+        return (await self.get_ranges_many([(key, ranges)]))[0]
+
+    async def get_ranges_many(self, requests: Sequence[tuple[str, Sequence[ByteRange]]]) -> list[list[Buffer] | None]:
+        """Each tier in turn is asked, all at once, for the objects the tiers above lacked."""
+        spans = [self.telemetry.tier_span("get", key) for key, _ in requests]
+        out: list[list[Buffer] | None] = [None] * len(requests)
+        todo = list(range(len(requests)))
+        for t, tier in enumerate(self.tiers):
+            if not todo:
+                break
+            found = await tier.get_ranges_many([requests[i] for i in todo])
+            for i, parts in zip(todo, found):
+                if parts is not None:
+                    out[i] = parts
+                    self._ranges_hit(spans[i], tier.name, requests[i])
+                    if self.promote and t > 0 and self.background is not None:
+                        self._spawn("promote", self._promote_from, requests[i][0], t)
+            todo = [i for i in todo if out[i] is None]
+        for i in todo:
+            key, ranges = requests[i]
+            moving = self._moving.get(key)
+            if moving is not None and all(0 <= off and off + n <= len(moving) for off, n in ranges):
+                view = memoryview(moving)
+                out[i] = [view[off : off + n] for off, n in ranges]
+                self._ranges_hit(spans[i], "moving", requests[i])
+            else:
+                self.counters.misses += 1
+                self.telemetry.end_tier_span(spans[i], None, 0, "miss")
+        return out
+
+    def _ranges_hit(self, span: Any, where: str, request: tuple[str, Sequence[ByteRange]]) -> None:
+        self.counters.hits += 1
+        if span is not None:
+            self.telemetry.end_tier_span(span, where, sum(n for _, n in request[1]), "hit")
 
     async def prefetch(self, requests: Sequence[tuple[str, ByteRange]]) -> None:
         """Pass each hint to the fastest tier that holds its object, keeping the order."""
