@@ -94,8 +94,14 @@ class Bench:
         return a.layers * 2 * a.tokens * a.kv_heads * a.head_dim * torch.empty((), dtype=getattr(torch, a.dtype)).element_size()
 
     def cold(self) -> None:
-        """Drop the disk tier's files from the page cache (no effect on the memory tier)."""
-        drop_page_cache(self.workdir / "disk", sync=False)
+        """Drop the disk tier's files from the page cache (no effect on the memory tier); with
+        ``--warm`` read them whole instead, so the page cache holds every one."""
+        if not self.args.warm:
+            drop_page_cache(self.workdir / "disk", sync=False)
+            return
+        for path in (self.workdir / "disk").rglob("*"):
+            if path.is_file():
+                path.read_bytes()
 
     def clear_pool(self) -> None:
         for k, v in self.pool:
@@ -353,7 +359,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     f, c = result["figures"], result["config"]
     lines = [
-        f"pipeline  device={result['machine']['device']}  tier={c['tier']}  layers={c['layers']}  tokens={c['tokens']}"
+        f"pipeline  device={result['machine']['device']}  tier={c['tier']}{' (warm)' if c.get('warm') else ''}  layers={c['layers']}  tokens={c['tokens']}"
         f"  kv/layer={result['kv_bytes_per_layer'] / 2**20:.1f} MiB  q={c['q_tokens']}  repeat={c['repeat']}",
         f"{'figure':<24}{'value':>12}",
         f"{'load per layer (ms)':<24}{f['load_per_layer_ms']:>12.2f}",
@@ -398,6 +404,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--intermediate", type=int, default=None, help="MLP width")
     p.add_argument("--dtype", default=None, help="KV and compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--q-tokens", default="auto", help="new tokens computed per layer, or 'auto'")
+    p.add_argument("--warm", action="store_true",
+                   help="disk tier: every load reads from the page cache (default: cold, from the device)")
     p.add_argument("--inflight", type=int, default=3, help="layers the producer may run ahead")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -90,16 +90,21 @@ def test_bench_e2e_replays_a_trace_into_json_and_pngs(tmp_path: Path, capsys: py
     assert sum(s["name"] == "streamkv.retrieve.layer" for s in spans) == 30  # SmolLM2's layers, one hit
 
 
-def test_bench_pipeline_on_the_cpu_reports_where_the_pipelined_time_went(tmp_path: Path,
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_bench_pipeline_on_the_cpu_reports_where_the_pipelined_time_went(tmp_path: Path, warm: bool,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    """A small real run (4 Llama layers with random weights, 512 tokens from a cold disk tier): the
-    pipelined runs passed their byte check (the benchmark raises otherwise), and the split of the
-    pipelined time adds up to no more than the pipelined run it comes from."""
+    """A small real run (4 Llama layers with random weights, 512 tokens from a disk tier, cold or
+    from the page cache): the pipelined runs passed their byte check (the benchmark raises
+    otherwise), and the split of the pipelined time adds up to no more than the pipelined run it
+    comes from."""
     out = tmp_path / "pipeline.json"
     cli_main(["bench", "pipeline", "--device", "cpu", "--tier", "disk", "--threads", "1", "--layers", "4",
-              "--tokens", "512", "--q-tokens", "16", "--repeat", "2", "--json", str(out)])
-    assert "pipelined, where it went" in capsys.readouterr().out
-    figures = json.loads(out.read_text())["figures"]
+              "--tokens", "512", "--q-tokens", "16", "--repeat", "2", "--json", str(out)] + ["--warm"] * warm)
+    printed = capsys.readouterr().out
+    assert "pipelined, where it went" in printed and ("tier=disk (warm)" in printed) == warm
+    result = json.loads(out.read_text())
+    assert result["config"]["warm"] is warm
+    figures = result["figures"]
     parts = figures["pipelined_parts"]
     assert set(parts) == {"start_s", "first_wait_s", "later_waits_s", "compute_s"}
     assert all(v >= 0 for v in parts.values()) and parts["compute_s"] > 0
