@@ -7,7 +7,7 @@ VENV_SGLANG := .venv-sglang
 VENV_VLLM := .venv-vllm
 PIP_FLAGS ?= --disable-pip-version-check --quiet
 
-.PHONY: demo test test-core test-sglang test-vllm check-kernels kernel-tools bench clean-venvs
+.PHONY: demo test test-core test-sglang test-vllm check-kernels kernel-tools bench device-wheels clean-venvs
 
 $(VENV)/.ready: pyproject.toml setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,17 @@ check-kernels: $(VENV)/.ready kernel-tools
 
 bench: $(VENV)/.ready
 	$(VENV)/bin/streamkv bench $(BENCH_ARGS)
+
+# Wheels for a lent GPU machine (Python 3.12, no package index; its image has torch, CuPy,
+# numpy, anyio, xxhash, pyyaml, msgpack, tqdm but not lz4, structlog or OpenTelemetry), carried
+# there with the working tree by benchmarks/device_check.sh's caller.
+DEVICE_WHEELS := .device-wheels
+device-wheels: $(DEVICE_WHEELS)/.ready
+$(DEVICE_WHEELS)/.ready: pyproject.toml
+	$(PYTHON) -m pip download $(PIP_FLAGS) --dest $(DEVICE_WHEELS) --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+	  lz4 structlog opentelemetry-api opentelemetry-sdk
+	touch $@
 
 clean-venvs:
 	rm -rf $(VENV) $(VENV_SGLANG) $(VENV_VLLM)
