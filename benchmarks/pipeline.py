@@ -239,8 +239,10 @@ def measure(bench: Bench, q: int) -> dict[str, float]:
     med["samples"] = out
     med["overlap_efficiency"] = (med["sequential_s"] - med["pipelined_s"]) / min(med["load_s"], med["compute_s"])
     # The same figure per round (its four runs back to back), less exposed to drift between rounds.
-    med["overlap_efficiency_paired"] = statistics.median(
-        (s - p) / min(lo, c) for lo, c, s, p in zip(out["load_s"], out["compute_s"], out["sequential_s"], out["pipelined_s"]))
+    rounds = [(s - p) / min(lo, c) for lo, c, s, p in
+              zip(out["load_s"], out["compute_s"], out["sequential_s"], out["pipelined_s"])]
+    med["overlap_efficiency_rounds"] = rounds  # their spread says how far one run's figure can be trusted
+    med["overlap_efficiency_paired"] = statistics.median(rounds)
     if bench.tdev.type == "cpu":  # rounds past the warm-up one, medians
         med["pipelined_parts"] = {k: statistics.median(v[1:]) for k, v in parts.items()}
     med["load_per_layer_ms"] = 1e3 * med["load_s"] / L
@@ -370,6 +372,7 @@ def table(result: dict[str, Any]) -> str:
         f"{'pipelined (s)':<24}{f['pipelined_s']:>12.3f}",
         f"{'overlap efficiency':<24}{f['overlap_efficiency']:>12.2f}",
         f"{'  (median per round)':<24}{f['overlap_efficiency_paired']:>12.2f}",
+        f"{'  (rounds, min-max)':<24}{min(f['overlap_efficiency_rounds']):>7.2f}-{max(f['overlap_efficiency_rounds']):.2f}",
     ]
     split = f.get("pipelined_parts")
     if split:

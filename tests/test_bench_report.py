@@ -105,6 +105,9 @@ def test_bench_pipeline_on_the_cpu_reports_where_the_pipelined_time_went(tmp_pat
     result = json.loads(out.read_text())
     assert result["config"]["warm"] is warm
     figures = result["figures"]
+    rounds = figures["overlap_efficiency_rounds"]
+    assert len(rounds) == 2 and min(rounds) <= figures["overlap_efficiency_paired"] <= max(rounds)
+    assert "(rounds, min-max)" in printed
     parts = figures["pipelined_parts"]
     assert set(parts) == {"start_s", "first_wait_s", "later_waits_s", "compute_s"}
     assert all(v >= 0 for v in parts.values()) and parts["compute_s"] > 0
