@@ -5,9 +5,10 @@ chunk, asked together; tiers that read ahead are first told of every chunk's hea
 and layer 0 together, for objects not already in memory): the hit is the run of
 chunks with valid headers. Then it fetches layer by layer, each layer's sections
 from all chunks concurrently, at most ``max_inflight`` layers ahead of the
-consumer (backpressure: a layer's slot frees when the consumer has waited for it). Checksums are verified and
-sections copied into the sink on worker threads. A missing or corrupt section
-cuts the valid prefix at its chunk; it is logged and counted, never raised.
+consumer (backpressure: a layer's slot frees when the consumer has waited for it).
+Checksums are verified and sections copied into the sink on worker threads. A
+missing or corrupt section cuts the valid prefix at its chunk; it is logged and
+counted, never raised.
 
 Where the tiers return views of whole objects (memory, disk through mmap:
 ``store/in_place.py``), each chunk's sections are sliced from the memory its

@@ -142,19 +142,19 @@ class TieredStore(Store):
             return partial(self._read_and_promote, read, key, i)
         return None
 
+    def _fastest_holding(self, key: str) -> Store | None:
+        """The fastest tier that, as far as this process can tell, holds ``key``."""
+        return next((tier for tier in self.tiers if tier.exists_now(key)), None)
+
     def cold_now(self, key: str) -> bool:
         """Whether the fastest tier that holds ``key`` would read it from a device."""
-        for tier in self.tiers:
-            if tier.exists_now(key):
-                return tier.cold_now(key)
-        return False
+        tier = self._fastest_holding(key)
+        return tier is not None and tier.cold_now(key)
 
     def warm_now(self, key: str) -> bool:
         """Whether the fastest tier that holds ``key`` holds it in memory."""
-        for tier in self.tiers:
-            if tier.exists_now(key):
-                return tier.warm_now(key)
-        return False
+        tier = self._fastest_holding(key)
+        return tier is not None and tier.warm_now(key)
 
     def _read_and_promote(self, read: Callable[[], Buffer | None], key: str, source: int) -> Buffer | None:
         data = read()
@@ -195,8 +195,7 @@ class TieredStore(Store):
 
     def _ranges_hit(self, span: Any, where: str, request: tuple[str, Sequence[ByteRange]]) -> None:
         self.counters.hits += 1
-        if span is not None:
-            self.telemetry.end_tier_span(span, where, sum(n for _, n in request[1]), "hit")
+        self.telemetry.end_tier_span(span, where, sum(n for _, n in request[1]), "hit")
 
     async def prefetch(self, requests: Sequence[tuple[str, ByteRange]]) -> None:
         """Pass each hint to the fastest tier that holds its object, keeping the order."""
@@ -243,10 +242,9 @@ class TieredStore(Store):
         return found
 
     def count_read_in_place(self, key: str, nbytes: int) -> None:
-        for tier in self.tiers:  # the fastest tier holding it is the one the ranged read came from
-            if tier.exists_now(key):
-                tier.count_read_in_place(key, nbytes)
-                return
+        tier = self._fastest_holding(key)  # the tier the ranged read came from
+        if tier is not None:
+            tier.count_read_in_place(key, nbytes)
 
     def exists_now(self, key: str) -> bool | None:
         """Held by some tier (or between two, being demoted) as far as this process can tell;
